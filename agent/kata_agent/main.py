@@ -1,0 +1,47 @@
+"""Agent entry point: PID 1 set-up, then serve the host over vsock."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+
+from .handlers import Handlers
+from .pid1 import BASE_MOUNTS, Pid1, log
+from .processes import ProcessTable
+from .server import Server
+
+# Loading stops here to start listening; the rest load in the background.
+VSOCK_TRANSPORT = "vmw_vsock_virtio_transport.ko"
+
+
+def main() -> None:
+    pid1 = Pid1()
+    if os.getpid() == 1:
+        pid1.mount_all(BASE_MOUNTS)
+        # The kernel already shields init from signals it has no handler for.
+        # Python installs one for SIGINT, so replace it with a no-op (a handler,
+        # not SIG_IGN, so that exec'd children get the default back).
+        signal.signal(signal.SIGINT, lambda *_: None)
+    modules = pid1.module_paths()
+    split = next((i + 1 for i, path in enumerate(modules) if path.endswith(VSOCK_TRANSPORT)), len(modules))
+    pid1.load_modules(modules[:split])
+
+    table = ProcessTable()
+    server = Server(table, Handlers(table, pid1.power_off))
+    listener = server.listen()
+    log("listening on vsock port 1024")
+
+    def late_setup() -> None:
+        pid1.load_modules(modules[split:])
+
+    threading.Thread(target=late_setup, daemon=True).start()
+    threading.Thread(target=table.reap_forever, daemon=True).start()
+    try:
+        server.serve_forever(listener)
+    except BaseException as exc:  # PID 1 must never just exit: power off instead
+        log(f"fatal: {exc!r}")
+        if os.getpid() == 1:
+            pid1.power_off()
+        sys.exit(1)

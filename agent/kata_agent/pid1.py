@@ -1,0 +1,62 @@
+"""PID 1 duties: the guest's filesystems, kernel modules, and power-off."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .syscalls import MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RELATIME, RB_AUTOBOOT, Syscalls
+
+MODULE_LIST = "/etc/kata-agent/modules"
+
+# (source, target, fstype, flags, data)
+BASE_MOUNTS = [
+    ("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RELATIME, ""),
+    ("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RELATIME, ""),
+    ("devtmpfs", "/dev", "devtmpfs", MS_NOSUID | MS_RELATIME, "mode=0755"),
+    ("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV | MS_RELATIME, "mode=0755"),
+    ("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_RELATIME, "mode=1777"),
+    ("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC | MS_RELATIME, "mode=0620,ptmxmode=0666"),
+    ("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_RELATIME, "mode=1777"),
+]
+
+
+def log(message: str) -> None:
+    """Agent messages go to the console (the host keeps it as the VM's console log)."""
+    try:
+        sys.stderr.write(f"kata-agent: {message}\n")
+        sys.stderr.flush()
+    except OSError:
+        pass
+
+
+class Pid1:
+    def __init__(self, sys_: Syscalls | None = None) -> None:
+        self.sys = sys_ or Syscalls()
+
+    def mount_all(self, mounts) -> None:
+        for source, target, fstype, flags, data in mounts:
+            os.makedirs(target, exist_ok=True)
+            try:
+                self.sys.mount(source, target, fstype, flags, data)
+            except OSError as exc:
+                log(f"{exc}")
+
+    def module_paths(self) -> list[str]:
+        try:
+            with open(MODULE_LIST) as f:
+                return [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        except FileNotFoundError:
+            return []
+
+    def load_modules(self, paths: list[str]) -> None:
+        for path in paths:
+            try:
+                self.sys.load_module(path)
+            except OSError as exc:
+                log(f"{exc}")
+
+    def power_off(self) -> None:
+        """End the VM. QEMU runs with -no-reboot, so a reboot is the fastest clean exit."""
+        self.sys.sync()
+        self.sys.reboot(RB_AUTOBOOT)

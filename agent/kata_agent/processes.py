@@ -1,0 +1,313 @@
+"""The agent's process table: create, attach stdio streams, start, signal, wait.
+
+Every process is created first (its stdio pipes or pty made, nothing run yet),
+the host then attaches one vsock connection per stdio stream, and only `start`
+forks it. So no output is produced before someone is there to read it.
+
+As PID 1 the agent reaps every child in one reaper thread (waitpid(-1)); the
+table maps pids to processes under one lock, taken around fork as well, so a
+child that exits at once is never reaped before its pid is recorded.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import signal
+import struct
+import subprocess
+import termios
+import threading
+
+from .pid1 import log
+
+ATTACH_STREAMS = ("stdin", "stdout", "stderr")
+RELAY_CHUNK = 256 * 1024
+
+
+class ProcessError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+class Process:
+    def __init__(self, process_id: str, argv, env, cwd, tty: bool, streams, rows: int, cols: int) -> None:
+        self.id = process_id
+        self.argv = list(argv)
+        self.env = list(env)
+        self.cwd = cwd
+        self.tty = tty
+        self.wanted = set(streams)
+        self.rows, self.cols = rows, cols
+        self.attached: dict[str, object] = {}
+        self.pid: int | None = None
+        self.status: tuple[int | None, int | None] | None = None  # (exit_code, signal)
+        self.exited = threading.Event()
+        self.out_relays: list[threading.Thread] = []
+        self.master_fd: int | None = None
+
+
+def _set_winsize(fd: int, rows: int, cols: int) -> None:
+    if rows and cols:
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _take_controlling_tty() -> None:
+    # Runs in the child between fork and exec: a login-style session whose
+    # controlling terminal is the pty on fd 0.
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def _pump_out(src_fd: int, sock, what: str) -> None:
+    """Guest pipe/pty -> host connection, then half-close so the host sees EOF."""
+    try:
+        while True:
+            try:
+                data = os.read(src_fd, RELAY_CHUNK)
+            except OSError:  # EIO on a pty whose last slave closed: that is EOF
+                data = b""
+            if not data:
+                break
+            sock.sendall(data)
+    except OSError as exc:
+        log(f"{what}: {exc}")
+    finally:
+        try:
+            sock.shutdown(1)  # SHUT_WR: the host reads EOF, its own writes still land
+        except OSError:
+            pass
+        sock.close()
+
+
+def _pump_in(sock, dst_fd: int, what: str, is_pipe: bool) -> None:
+    """Host connection -> guest pipe/pty; host EOF closes the process's stdin."""
+    try:
+        while True:
+            data = sock.recv(RELAY_CHUNK)
+            if not data:
+                break
+            view = memoryview(data)
+            while view:
+                view = view[os.write(dst_fd, view):]
+    except OSError as exc:
+        if exc.errno != 32:  # EPIPE: the process stopped reading, which is its right
+            log(f"{what}: {exc}")
+    finally:
+        if not is_pipe:
+            # A tty has no half-close: send the terminal's EOF character instead.
+            try:
+                os.write(dst_fd, b"\x04")
+            except OSError:
+                pass
+        os.close(dst_fd)
+        sock.close()
+
+
+class ProcessTable:
+    MAX_PROCESSES = 1024
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.by_id: dict[str, Process] = {}
+        self.by_pid: dict[int, Process] = {}
+        self.children = threading.Condition(self.lock)
+        self.spawned = 0
+
+    # -- lookup -----------------------------------------------------------------
+    def get(self, process_id: str) -> Process:
+        with self.lock:
+            proc = self.by_id.get(process_id)
+        if proc is None:
+            raise ProcessError("not_found", f"no process {process_id!r}")
+        return proc
+
+    # -- lifecycle --------------------------------------------------------------
+    def create(self, process_id, argv, env, cwd, tty, streams, rows=0, cols=0) -> Process:
+        with self.lock:
+            if process_id in self.by_id:
+                raise ProcessError("exists", f"process {process_id!r} already exists")
+            if len(self.by_id) >= self.MAX_PROCESSES:
+                raise ProcessError("failed", "too many processes")
+            proc = Process(process_id, argv, env, cwd, tty, streams, rows, cols)
+            self.by_id[process_id] = proc
+        return proc
+
+    def attach(self, process_id: str, stream: str, sock) -> None:
+        proc = self.get(process_id)
+        with self.lock:
+            if proc.pid is not None:
+                raise ProcessError("state", f"process {process_id!r} already started")
+            if stream not in proc.wanted:
+                raise ProcessError("invalid", f"process {process_id!r} did not ask for {stream}")
+            if proc.tty and stream == "stderr":
+                raise ProcessError("invalid", "a tty process has no separate stderr")
+            if stream in proc.attached:
+                raise ProcessError("exists", f"{stream} of {process_id!r} is already attached")
+            proc.attached[stream] = sock
+
+    def start(self, process_id: str) -> int:
+        proc = self.get(process_id)
+        missing = proc.wanted - set(proc.attached) - ({"stderr"} if proc.tty else set())
+        if missing:
+            raise ProcessError("state", f"streams {sorted(missing)} of {process_id!r} are not attached")
+        if proc.pid is not None:
+            raise ProcessError("state", f"process {process_id!r} already started")
+        if proc.tty:
+            return self._start_tty(proc)
+        return self._start_pipes(proc)
+
+    def _spawn(self, proc: Process, **popen) -> int:
+        with self.lock:
+            try:
+                child = subprocess.Popen(proc.argv, env=_env_dict(proc.env), cwd=proc.cwd,
+                                         close_fds=True, **popen)
+            except OSError as exc:
+                del self.by_id[proc.id]
+                raise ProcessError("failed", f"cannot run {proc.argv[0]!r}: {exc.strerror}") from None
+            # The reaper owns waiting; keep Popen from ever calling waitpid itself.
+            child.returncode = 0
+            proc.pid = child.pid
+            self.by_pid[child.pid] = proc
+            self.spawned += 1
+            self.children.notify_all()
+        return proc.pid
+
+    def _start_pipes(self, proc: Process) -> int:
+        fds = {}
+        parent_ends = {}
+        try:
+            for stream in ATTACH_STREAMS:
+                if stream not in proc.attached:
+                    fds[stream] = subprocess.DEVNULL
+                    continue
+                r, w = os.pipe()
+                if stream == "stdin":
+                    fds[stream], parent_ends[stream] = r, w
+                else:
+                    fds[stream], parent_ends[stream] = w, r
+            pid = self._spawn(proc, stdin=fds["stdin"], stdout=fds["stdout"], stderr=fds["stderr"])
+        except Exception:
+            for fd in parent_ends.values():
+                os.close(fd)
+            raise
+        finally:
+            for fd in fds.values():
+                if isinstance(fd, int) and fd >= 0:
+                    os.close(fd)
+        for stream, fd in parent_ends.items():
+            sock = proc.attached[stream]
+            if stream == "stdin":
+                target, args = _pump_in, (sock, fd, f"{proc.id} stdin", True)
+            else:
+                target, args = _pump_out_closing, (fd, sock, f"{proc.id} {stream}")
+            self._relay(proc, target, args, out=stream != "stdin")
+        return pid
+
+    def _start_tty(self, proc: Process) -> int:
+        master, slave = pty.openpty()
+        _set_winsize(master, proc.rows, proc.cols)
+        try:
+            pid = self._spawn(proc, stdin=slave, stdout=slave, stderr=slave,
+                              start_new_session=True, preexec_fn=_take_controlling_tty)
+        except Exception:
+            os.close(master)
+            raise
+        finally:
+            os.close(slave)
+        proc.master_fd = master
+        if "stdout" in proc.attached:
+            self._relay(proc, _pump_out, (master, proc.attached["stdout"], f"{proc.id} tty"), out=True)
+        if "stdin" in proc.attached:
+            # Its own descriptor, so closing the master after exit cannot pull it
+            # out from under (or redirect) a relay that is still writing.
+            self._relay(proc, _pump_in, (proc.attached["stdin"], os.dup(master), f"{proc.id} tty-in", False),
+                        out=False)
+        return pid
+
+    def _relay(self, proc: Process, target, args, out: bool) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        if out:
+            proc.out_relays.append(thread)
+        thread.start()
+
+    def signal(self, process_id: str, signum: int) -> None:
+        proc = self.get(process_id)
+        if proc.pid is None:
+            raise ProcessError("state", f"process {process_id!r} is not started")
+        if proc.exited.is_set():
+            raise ProcessError("state", f"process {process_id!r} has exited")
+        try:
+            os.kill(proc.pid, signum)
+        except ProcessLookupError:
+            raise ProcessError("state", f"process {process_id!r} has exited") from None
+
+    def resize(self, process_id: str, rows: int, cols: int) -> None:
+        proc = self.get(process_id)
+        if proc.master_fd is None:
+            raise ProcessError("state", f"process {process_id!r} has no terminal")
+        _set_winsize(proc.master_fd, rows, cols)
+
+    def wait(self, process_id: str) -> tuple[int | None, int | None]:
+        proc = self.get(process_id)
+        if proc.pid is None:
+            raise ProcessError("state", f"process {process_id!r} is not started")
+        proc.exited.wait()
+        # All output reaches the host before the exit status does.
+        for relay in proc.out_relays:
+            relay.join()
+        with self.lock:
+            if self.by_id.get(process_id) is proc:
+                del self.by_id[process_id]
+                if proc.master_fd is not None:
+                    os.close(proc.master_fd)
+                    proc.master_fd = None
+        return proc.status
+
+    # -- reaping ------------------------------------------------------------------
+    def reap_forever(self) -> None:
+        while True:
+            with self.lock:
+                seen = self.spawned
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                with self.lock:
+                    if self.spawned == seen:
+                        self.children.wait()
+                continue
+            except InterruptedError:
+                continue
+            with self.lock:
+                proc = self.by_pid.pop(pid, None)
+            if proc is None:
+                continue  # an orphan re-parented to PID 1: reaped, nothing to report
+            if os.WIFSIGNALED(status):
+                proc.status = (None, os.WTERMSIG(status))
+            else:
+                proc.status = (os.WEXITSTATUS(status), None)
+            proc.exited.set()
+
+
+def _pump_out_closing(fd: int, sock, what: str) -> None:
+    try:
+        _pump_out(fd, sock, what)
+    finally:
+        os.close(fd)
+
+
+def _env_dict(env: list[str]) -> dict[str, str]:
+    result = {}
+    for item in env:
+        key, sep, value = item.partition("=")
+        if sep and key:
+            result[key] = value
+    return result
+
+
+def default_signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)

@@ -1,0 +1,54 @@
+"""The few Linux system calls the agent needs that `os` does not offer.
+
+Kept behind one small class so PID-1 logic can be unit tested on the host
+with a recording fake in its place.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+SYS_FINIT_MODULE = 313  # x86_64
+RB_AUTOBOOT = 0x01234567
+RB_POWER_OFF = 0x4321FEDC
+EEXIST = 17
+
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_RELATIME = 1 << 21
+
+
+class Syscalls:
+    def __init__(self) -> None:
+        self._libc = ctypes.CDLL(None, use_errno=True)
+
+    def _check(self, ret: int, what: str) -> int:
+        if ret < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+        return ret
+
+    def mount(self, source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
+        self._check(self._libc.mount(source.encode(), target.encode(), fstype.encode(),
+                                     ctypes.c_ulong(flags), data.encode() or None),
+                    f"mount {fstype} on {target}")
+
+    def load_module(self, path: str) -> bool:
+        """finit_module(2); returns False when the module was already loaded."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            ret = self._libc.syscall(SYS_FINIT_MODULE, fd, b"", 0)
+            if ret < 0 and ctypes.get_errno() == EEXIST:
+                return False
+            self._check(ret, f"load module {path}")
+            return True
+        finally:
+            os.close(fd)
+
+    def reboot(self, how: int) -> None:
+        self._check(self._libc.reboot(how), "reboot")
+
+    def sync(self) -> None:
+        self._libc.sync()

@@ -1,0 +1,129 @@
+"""Every message on the agent connection, described by a schema.
+
+A connection opens with one `hello` frame that says what it is for:
+- role "control": then request and reply frames follow;
+- role "stream": it carries one stdio stream of one process as raw bytes
+  after the hello (stdin host->guest; stdout/stderr guest->host; with a tty,
+  "stdin" and "stdout" carry the terminal both ways).
+
+Requests are {"id", "type", "args"}; replies are {"id", "ok", "result"} or
+{"id", "ok": false, "error": {"code", "message"}}. Replies may come out of
+order (a `wait_process` can outlive later requests), so the id matches them.
+"""
+
+from __future__ import annotations
+
+from .schema import SchemaError, validate
+
+MAX_ARGV = 4096
+MAX_ENV = 4096
+MAX_STRING = 128 * 1024
+MAX_ID = 256
+PROCESS_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"
+
+STREAMS = ("stdin", "stdout", "stderr")
+
+_str = {"type": "string", "maxLength": MAX_STRING}
+_process_id = {"type": "string", "minLength": 1, "maxLength": MAX_ID, "pattern": PROCESS_ID_PATTERN}
+_request_id = {"type": "integer", "minimum": 0, "maximum": 2**53}
+_uint32 = {"type": "integer", "minimum": 0, "maximum": 2**32 - 1}
+_empty = {"type": "object", "additionalProperties": False}
+
+
+def _obj(properties: dict, required=()) -> dict:
+    return {"type": "object", "properties": properties, "required": list(required),
+            "additionalProperties": False}
+
+
+HELLO = _obj({
+    "role": {"enum": ["control", "stream"]},
+    "process_id": _process_id,
+    "stream": {"enum": list(STREAMS)},
+}, required=["role"])
+
+# type -> (args schema, result schema)
+REQUESTS: dict[str, tuple[dict, dict]] = {
+    "ping": (_empty, _obj({
+        "agent_version": {"type": "string", "maxLength": 64},
+        "protocol": {"type": "integer", "minimum": 0, "maximum": 1000},
+        "kernel": {"type": "string", "maxLength": 256},
+        "uptime": {"type": "number", "minimum": 0},
+    }, required=["agent_version", "protocol", "kernel", "uptime"])),
+    "create_process": (_obj({
+        "process_id": _process_id,
+        "argv": {"type": "array", "minItems": 1, "maxItems": MAX_ARGV, "items": _str},
+        "env": {"type": "array", "maxItems": MAX_ENV, "items": _str},
+        "cwd": {"type": "string", "minLength": 1, "maxLength": 4096, "pattern": "^/"},
+        "tty": {"type": "boolean"},
+        "rows": {"type": "integer", "minimum": 0, "maximum": 65535},
+        "cols": {"type": "integer", "minimum": 0, "maximum": 65535},
+        # Streams the host will attach before start; the others read/write /dev/null.
+        "streams": {"type": "array", "maxItems": 3, "items": {"enum": list(STREAMS)}},
+    }, required=["process_id", "argv"]), _empty),
+    "start_process": (_obj({"process_id": _process_id}, required=["process_id"]),
+                      _obj({"pid": {"type": "integer", "minimum": 1, "maximum": 2**22}}, required=["pid"])),
+    "signal_process": (_obj({"process_id": _process_id, "signal": {"type": "integer", "minimum": 0, "maximum": 64}},
+                            required=["process_id", "signal"]), _empty),
+    "wait_process": (_obj({"process_id": _process_id}, required=["process_id"]), _obj({
+        "exit_code": {"type": ["integer", "null"], "minimum": 0, "maximum": 255},
+        "signal": {"type": ["integer", "null"], "minimum": 1, "maximum": 64},
+    }, required=["exit_code", "signal"])),
+    "resize_tty": (_obj({"process_id": _process_id,
+                         "rows": {"type": "integer", "minimum": 0, "maximum": 65535},
+                         "cols": {"type": "integer", "minimum": 0, "maximum": 65535}},
+                        required=["process_id", "rows", "cols"]), _empty),
+    "shutdown": (_empty, _empty),
+}
+
+REQUEST = _obj({
+    "id": _request_id,
+    "type": {"enum": sorted(REQUESTS)},
+    "args": {"type": "object"},
+}, required=["id", "type", "args"])
+
+ERROR_CODES = ["invalid", "not_found", "exists", "state", "failed", "internal"]
+
+REPLY = _obj({
+    "id": _request_id,
+    "ok": {"type": "boolean"},
+    "result": {"type": "object"},
+    "error": _obj({"code": {"enum": ERROR_CODES},
+                   "message": {"type": "string", "maxLength": 4096}}, required=["code", "message"]),
+}, required=["id", "ok"])
+
+
+def check_request(message: dict) -> tuple[int, str, dict]:
+    """Validate a whole request; return (id, type, args). Raises SchemaError."""
+    validate(message, REQUEST)
+    args_schema, _ = REQUESTS[message["type"]]
+    validate(message["args"], args_schema, "/args")
+    return message["id"], message["type"], message["args"]
+
+
+def check_reply(message: dict, request_type: str) -> dict:
+    """Validate a reply to a request of `request_type`; return its result.
+
+    Raises SchemaError for a malformed reply. An error reply is returned as
+    {"error": {...}} so the caller can raise its own typed error.
+    """
+    validate(message, REPLY)
+    if message["ok"]:
+        if "error" in message or "result" not in message:
+            raise SchemaError("/", "a successful reply carries a result and no error")
+        _, result_schema = REQUESTS[request_type]
+        validate(message["result"], result_schema, "/result")
+        return message["result"]
+    if "error" not in message or "result" in message:
+        raise SchemaError("/", "a failed reply carries an error and no result")
+    return {"error": message["error"]}
+
+
+def check_hello(message: dict) -> dict:
+    validate(message, HELLO)
+    if message["role"] == "stream" and ("process_id" not in message or "stream" not in message):
+        raise SchemaError("/", "a stream hello names its process_id and stream")
+    return message
+
+
+__all__ = ["HELLO", "REQUESTS", "REQUEST", "REPLY", "ERROR_CODES", "STREAMS", "SchemaError",
+           "check_request", "check_reply", "check_hello"]
