@@ -82,13 +82,17 @@ REQUEST = _obj({
 }, required=["id", "type", "args"])
 
 ERROR_CODES = ["invalid", "not_found", "exists", "state", "failed", "internal"]
+_error = _obj({"code": {"enum": ERROR_CODES}, "message": {"type": "string", "maxLength": 4096}},
+              required=["code", "message"])
+
+# The agent's one-frame answer to a stream hello; raw bytes follow only after ok.
+STREAM_ACK = _obj({"ok": {"type": "boolean"}, "error": _error}, required=["ok"])
 
 REPLY = _obj({
     "id": _request_id,
     "ok": {"type": "boolean"},
     "result": {"type": "object"},
-    "error": _obj({"code": {"enum": ERROR_CODES},
-                   "message": {"type": "string", "maxLength": 4096}}, required=["code", "message"]),
+    "error": _error,
 }, required=["id", "ok"])
 
 
@@ -125,5 +129,12 @@ def check_hello(message: dict) -> dict:
     return message
 
 
-__all__ = ["HELLO", "REQUESTS", "REQUEST", "REPLY", "ERROR_CODES", "STREAMS", "SchemaError",
+def check_stream_ack(message: dict) -> dict:
+    validate(message, STREAM_ACK)
+    if message["ok"] == ("error" in message):
+        raise SchemaError("/", "a stream ack carries an error exactly when it is not ok")
+    return message
+
+
+__all__ = ["HELLO", "STREAM_ACK", "check_stream_ack", "REQUESTS", "REQUEST", "REPLY", "ERROR_CODES", "STREAMS", "SchemaError",
            "check_request", "check_reply", "check_hello"]

@@ -1,0 +1,1 @@
+"""The kata-py command line: one module per subcommand, each thin."""

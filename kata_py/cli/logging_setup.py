@@ -1,0 +1,41 @@
+"""runc-style logging: --log FILE, --log-format text|json, --debug.
+
+containerd's runc shim reads the last error line of a JSON log, so every
+fatal error goes there as {"level":"error","msg":...,"time":...}.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import datetime, timezone
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"level": record.levelname.lower().replace("warning", "warn"),
+                           "msg": record.getMessage(),
+                           "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat()})
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.fromtimestamp(record.created, timezone.utc).isoformat()
+        return f'time="{when}" level={record.levelname.lower()} msg={json.dumps(record.getMessage())}'
+
+
+def setup(log_file: str | None, log_format: str, debug: bool) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if debug else logging.WARNING)
+    if log_file:
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+        root.addHandler(handler)
+    elif debug:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(TextFormatter())
+        root.addHandler(handler)
+    # asyncio and QMP are chatty at debug level and say nothing a user needs.
+    logging.getLogger("qemu").setLevel(logging.WARNING)
+    logging.getLogger("asyncio").setLevel(logging.WARNING)

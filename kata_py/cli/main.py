@@ -1,0 +1,65 @@
+"""Entry point: global flags, subcommand dispatch, and the error contract.
+
+A KataError becomes one line on stderr (and an error record in --log) and exit
+status 1; the subcommand modules never print errors themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from .. import __version__
+from ..errors import KataError
+from . import logging_setup
+
+# subcommand -> module in kata_py.cli; imported only when used, so `kata-py
+# state` does not pay for what `kata-py vm run` needs.
+SUBCOMMANDS = {
+    "vm": "vm",
+    "check": "check",
+    "image": "image",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kata-py", description="VM-sandboxed OCI container runtime")
+    parser.add_argument("--version", "-v", action="version", version=f"kata-py version {__version__}")
+    parser.add_argument("--debug", action="store_true", help="enable debug logging")
+    parser.add_argument("--log", metavar="FILE", help="write log records to FILE")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    parser.add_argument("--root", default="/run/kata-py", help="root directory for container state")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module in SUBCOMMANDS.items():
+        importlib.import_module(f"{__package__}.{module}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help(sys.stderr)
+        return 2
+    logging_setup.setup(args.log, args.log_format, args.debug)
+    try:
+        status = args.func(args)
+    except KataError as exc:
+        logging.getLogger("kata_py").error("%s", exc)
+        if args.debug and hasattr(exc, "full_report"):
+            print(exc.full_report(), file=sys.stderr)
+        print(f"kata-py: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return int(status or 0)
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,136 @@
+"""Sandbox = one VM + its vsock host end + its agent connection.
+
+`async with Sandbox(...) as sb:` boots the VM and returns once the agent has
+answered a ping; leaving the block shuts the guest down (agent, then the QEMU
+ladder), stops the vsock backend and removes the run directory, whatever
+happened inside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import paths
+from ..errors import AgentError, KataError, VMLaunchError, VsockError
+from ..vmm.cmdline import VMConfig
+from ..vmm.machine import QemuMachine, tail
+from ..vmm.probe import choose_accel
+from ..vsock.transport import choose_transport
+from .agent_client import AgentClient
+
+log = logging.getLogger(__name__)
+
+BOOT_TIMEOUT = 60.0     # TCG on a loaded 2-core host can be slow; a hung boot still ends
+SHUTDOWN_TIMEOUT = 3.0
+
+
+@dataclass
+class BootTimes:
+    """Seconds from the start of `start()` to each milestone."""
+
+    launched: float = 0.0       # QEMU answered QMP
+    agent_ready: float = 0.0    # the agent answered a ping
+    marks: dict = field(default_factory=dict)
+
+
+class Sandbox:
+    def __init__(self, image, memory_mib: int = 128, cpus: int = 1, machine: str = "microvm",
+                 accel: str | None = None, name: str | None = None) -> None:
+        self.image = image
+        self.memory_mib = memory_mib
+        self.cpus = cpus
+        self.machine_type = machine
+        self.accel = accel
+        self.name = name
+        self.run_dir: Path | None = None
+        self.transport = None
+        self.machine: QemuMachine | None = None
+        self.agent: AgentClient | None = None
+        self.agent_info: dict = {}
+        self.times = BootTimes()
+
+    async def __aenter__(self) -> "Sandbox":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    @property
+    def console_log(self) -> Path | None:
+        return self.run_dir / "console.log" if self.run_dir else None
+
+    async def start(self) -> None:
+        started = time.monotonic()
+        try:
+            base = paths.ensure_private_dir(paths.run_dir())
+            self.run_dir = Path(tempfile.mkdtemp(prefix="vm-", dir=base))
+            accel = self.accel or choose_accel(self.image.kernel, self.image.floor_initrd, paths.state_dir()).accel
+            self.transport = choose_transport(self.run_dir)
+            if hasattr(self.transport, "start"):
+                self.transport.start()
+            config = VMConfig(kernel=self.image.kernel, initrd=self.image.initrd,
+                              console_log=self.run_dir / "console.log", memory_mib=self.memory_mib,
+                              cpus=self.cpus, accel=accel, machine=self.machine_type,
+                              name=self.name or f"kata-py-{self.run_dir.name}")
+            config.extra_args += self.transport.qemu_args(config.bus)
+            self.machine = QemuMachine(config, self.run_dir)
+            await self.machine.launch()
+            self.times.launched = time.monotonic() - started
+            await self._wait_for_agent(started + BOOT_TIMEOUT)
+            self.times.agent_ready = time.monotonic() - started
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _wait_for_agent(self, deadline: float) -> None:
+        """Connect until the agent listens: before that the guest answers RST."""
+        delay = 0.01
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if not self.machine.alive():
+                raise self._dead("the VM exited before its agent was ready")
+            try:
+                self.agent = await AgentClient.connect(self.transport, timeout=max(0.1, deadline - time.monotonic()))
+                self.agent_info = await self.agent.request("ping", timeout=max(0.1, deadline - time.monotonic()))
+                return
+            except (VsockError, AgentError, OSError) as exc:
+                last = exc
+                if self.agent is not None:
+                    await self.agent.close()
+                    self.agent = None
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.1)
+        raise self._dead(f"the agent did not answer within {BOOT_TIMEOUT:.0f} s (last error: {last})")
+
+    def _dead(self, reason: str) -> VMLaunchError:
+        code = self.machine.process.returncode if self.machine and self.machine.process else None
+        return VMLaunchError(reason, argv=self.machine.argv if self.machine else [], exit_code=code,
+                             console_tail=tail(self.console_log, 3000) if self.console_log else "")
+
+    async def stop(self) -> None:
+        """Shut everything down and remove the run directory. Idempotent."""
+        try:
+            if self.agent is not None:
+                try:
+                    if self.machine is not None and self.machine.alive():
+                        await self.agent.request("shutdown", timeout=SHUTDOWN_TIMEOUT)
+                except KataError as exc:
+                    log.debug("agent shutdown: %s", exc)
+                await self.agent.close()
+                self.agent = None
+            if self.machine is not None:
+                await self.machine.shutdown(soft_timeout=SHUTDOWN_TIMEOUT)
+        finally:
+            if self.transport is not None:
+                self.transport.close()
+                self.transport = None
+            if self.run_dir is not None:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+                self.run_dir = None

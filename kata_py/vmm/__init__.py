@@ -1,0 +1,1 @@
+"""The VMM layer: QEMU command lines, launching, QMP, shutdown, host probing."""

@@ -1,0 +1,166 @@
+"""One QEMU process: launch, QMP, and a soft-to-hard shutdown ladder.
+
+Used as an async context manager; leaving the block always ends QEMU and
+closes everything it opened, whatever happened inside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import enum
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+
+from qemu.qmp import QMPClient
+
+from ..errors import VMLaunchError
+from .cmdline import VMConfig, build_argv
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+QMP_GREETING_TIMEOUT = 30.0
+
+
+class VMState(enum.Enum):
+    NEW = "new"
+    LAUNCHING = "launching"
+    RUNNING = "running"
+    SHUTTING_DOWN = "shutting-down"
+    STOPPED = "stopped"
+
+
+def _die_with_parent() -> None:
+    # Runs in the child before exec: if whoever launched QEMU dies, so does QEMU,
+    # rather than a guest running on with nobody to stop it.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def tail(path: Path, limit: int = 4000) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - limit))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+class QemuMachine:
+    def __init__(self, config: VMConfig, run_dir: Path) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        self.state = VMState.NEW
+        self.process: asyncio.subprocess.Process | None = None
+        self.qmp: QMPClient | None = None
+        self.argv: list[str] = []
+        self.stderr_log = run_dir / "qemu.log"
+        self.exit_code: int | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    async def __aenter__(self) -> "QemuMachine":
+        await self.launch()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.shutdown()
+
+    async def launch(self) -> None:
+        assert self.state is VMState.NEW, self.state
+        self.state = VMState.LAUNCHING
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.argv = build_argv(self.config, theirs.fileno())
+            with open(self.stderr_log, "wb") as err:
+                self.process = await asyncio.create_subprocess_exec(
+                    *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=err, stderr=err,
+                    pass_fds=[theirs.fileno()], preexec_fn=_die_with_parent, start_new_session=True)
+            theirs.close()
+            self.qmp = QMPClient(self.config.name)
+            connect = asyncio.ensure_future(self.qmp.connect(ours))
+            exited = asyncio.ensure_future(self.process.wait())
+            done, _ = await asyncio.wait({connect, exited}, timeout=QMP_GREETING_TIMEOUT,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if connect not in done:
+                connect.cancel()
+                await asyncio.gather(connect, return_exceptions=True)
+                reason = "QEMU exited during start-up" if exited in done else "QEMU did not answer on QMP"
+                raise self._launch_error(reason)
+            exited.cancel()
+            connect.result()
+            self.state = VMState.RUNNING
+        except BaseException:
+            ours.close()
+            theirs.close()
+            await self.shutdown()
+            raise
+
+    def _launch_error(self, reason: str) -> VMLaunchError:
+        code = self.process.returncode if self.process else None
+        console = tail(self.config.console_log, 2000)
+        stderr = tail(self.stderr_log, 2000).strip()
+        if stderr:
+            reason += f": {stderr.splitlines()[-1]}"
+        return VMLaunchError(reason, argv=self.argv, exit_code=code,
+                             console_tail=(stderr + "\n" + console).strip())
+
+    async def query_status(self) -> str:
+        reply = await self.qmp.execute("query-status")
+        return reply["status"]
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    async def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for QEMU to exit; None if it is still running after `timeout`."""
+        if self.process is None:
+            return None
+        try:
+            return await asyncio.wait_for(self.process.wait(), timeout)
+        except asyncio.TimeoutError:
+            return None
+
+    async def shutdown(self, soft_timeout: float = 0.0, quit_timeout: float = 3.0,
+                       term_timeout: float = 2.0) -> None:
+        """End QEMU: wait for the guest to power off, then QMP quit, SIGTERM, SIGKILL.
+
+        Idempotent, and always closes the QMP connection.
+        """
+        if self.state is VMState.STOPPED:
+            return
+        self.state = VMState.SHUTTING_DOWN
+        try:
+            if self.alive() and soft_timeout:
+                await self.wait(soft_timeout)
+            if self.alive() and self.qmp is not None and self.qmp.runstate.name == "RUNNING":
+                try:
+                    await asyncio.wait_for(self.qmp.execute("quit"), quit_timeout)
+                except Exception as exc:  # QEMU may close the socket mid-reply; that's fine
+                    log.debug("qmp quit: %r", exc)
+                await self.wait(quit_timeout)
+            if self.alive():
+                self.process.send_signal(signal.SIGTERM)
+                if await self.wait(term_timeout) is None:
+                    self.process.kill()
+                    await self.process.wait()
+        finally:
+            if self.qmp is not None:
+                try:
+                    await asyncio.wait_for(self.qmp.disconnect(), 2.0)
+                except Exception as exc:
+                    log.debug("qmp disconnect: %r", exc)
+            if self.process is not None:
+                if self.process.returncode is None:
+                    self.process.kill()
+                    await self.process.wait()
+                self.exit_code = self.process.returncode
+            self.state = VMState.STOPPED
