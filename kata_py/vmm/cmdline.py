@@ -54,7 +54,8 @@ def kernel_command_line(config: VMConfig) -> str:
     return " ".join(args + list(config.kernel_args))
 
 
-def build_argv(config: VMConfig, qmp_fd: int) -> list[str]:
+def build_argv(config: VMConfig, qmp_fd: int | None) -> list[str]:
+    """QEMU's argv; with qmp_fd None there is no monitor (a boot-and-exit probe)."""
     if config.machine not in MACHINES:
         raise ValueError(f"unknown machine type {config.machine!r}; use one of {MACHINES}")
     machine = config.machine
@@ -75,9 +76,9 @@ def build_argv(config: VMConfig, qmp_fd: int) -> list[str]:
         "-append", kernel_command_line(config),
         "-chardev", f"file,id=console,path={config.console_log}",
         "-serial", "chardev:console",
-        "-chardev", f"socket,id=qmp,fd={qmp_fd}",
-        "-mon", "chardev=qmp,mode=control",
     ]
+    if qmp_fd is not None:
+        argv += ["-chardev", f"socket,id=qmp,fd={qmp_fd}", "-mon", "chardev=qmp,mode=control"]
     if config.machine == "microvm":
         # Modern virtio-mmio (virtio 1.x): the guest driver negotiates VERSION_1,
         # which the vhost-user backend requires.

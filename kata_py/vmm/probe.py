@@ -16,7 +16,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .host import QEMU_BINARY, kvm_module_facts, qemu_version, tsc_khz
+from .cmdline import VMConfig, build_argv
+from .host import kvm_module_facts, qemu_version
 
 PROBE_TIMEOUT = 10.0
 
@@ -36,14 +37,12 @@ def _probe_key(kernel: Path, initrd: Path) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def boot_floor(kernel: Path, initrd: Path, accel: str, timeout: float) -> tuple[bool, float, str]:
-    """Boot the floor image; (exited cleanly in time, seconds, detail)."""
-    argv = [QEMU_BINARY, "-machine", f"microvm,accel={accel},x-option-roms=off",
-            "-cpu", "host" if accel == "kvm" else "max", "-m", "128M", "-smp", "1",
-            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-kernel", str(kernel), "-initrd", str(initrd),
-            "-append", f"console=ttyS0 quiet panic=-1 reboot=t random.trust_cpu=on"
-                       f"{f' tsc_early_khz={tsc_khz()}' if tsc_khz() else ''}"]
+def boot_floor(kernel: Path, initrd: Path, accel: str, timeout: float,
+               machine: str = "microvm") -> tuple[bool, float, str]:
+    """Boot the floor image, the same way as a sandbox but with no devices;
+    (exited cleanly in time, seconds, detail)."""
+    argv = build_argv(VMConfig(kernel=kernel, initrd=initrd, console_log=Path(os.devnull), accel=accel,
+                               machine=machine, name="kata-py-floor"), qmp_fd=None)
     start = time.monotonic()
     try:
         proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
