@@ -210,14 +210,14 @@ class FakeGuest:
             self.kick_q(RXQ)
         return pkts
 
-    def send(self, h: Header, payload=b"", split=20, timeout=10.0):
+    def send(self, h: Header, payload=b"", split=20, timeout=10.0, claim=None):
         deadline = time.monotonic() + timeout
         while not self.tx_free:
             assert time.monotonic() < deadline, "tx ring never drained"
             self._pending_rx = getattr(self, "_pending_rx", []) + self.poll(0.01)
         slot = self.tx_free.pop()
         base = TX_AREA + slot * TX_SLOT
-        h.len = len(payload)
+        h.len = len(payload) if claim is None else claim
         raw = h.pack() + payload
         self.mem[base:base + len(raw)] = raw
         # Split the packet at an arbitrary point, even inside the header.
@@ -436,12 +436,17 @@ def test_hostile_guest_does_not_take_the_backend_down(vsock):
     # What reached the host is what fit in the socket plus our buffer, not the flood.
     assert len(got) < flood * 65536 // 2
     s.close()
-    # Still alive and serving.
+    # Still alive and serving; a header that claims more payload than its chain
+    # carries resets that connection instead of delivering a short or padded read.
     assert t.alive()
     th = threading.Thread(target=lambda: box.setdefault("s2", t.connect_sync(1024, 10)))
     th.start()
-    accept_host_connect(guest)
+    hp = accept_host_connect(guest)
     th.join(10)
+    guest.send(guest.pkt(P.OP_RW, 1024, hp), b"short", claim=5000)
+    guest.wait_for(lambda h: h.op == P.OP_RST and h.src_port == hp)
+    box["s2"].settimeout(10)
+    assert box["s2"].recv(100) == b""
     box["s2"].close()
 
 
