@@ -36,6 +36,10 @@ def setup(log_file: str | None, log_format: str, debug: bool) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(TextFormatter())
         root.addHandler(handler)
+    else:
+        # Without this, logging's last-resort handler would print errors to
+        # stderr a second time, next to the CLI's own one-line message.
+        root.addHandler(logging.NullHandler())
     # asyncio and QMP are chatty at debug level and say nothing a user needs.
     logging.getLogger("qemu").setLevel(logging.WARNING)
     logging.getLogger("asyncio").setLevel(logging.WARNING)
