@@ -12,8 +12,10 @@ from .pid1 import BASE_MOUNTS, Pid1, log
 from .processes import ProcessTable
 from .server import Server
 
-# Loading stops here to start listening; the rest load in the background.
-VSOCK_TRANSPORT = "vmw_vsock_virtio_transport.ko"
+# Loading stops after the last of these to start listening: vsock and the
+# virtio transports its device sits on. The rest (9p, net, blk) load in the
+# background while the host connects.
+BOOT_MODULES = ("vmw_vsock_virtio_transport.ko", "virtio_mmio.ko", "virtio_pci.ko")
 
 
 def main() -> None:
@@ -25,7 +27,7 @@ def main() -> None:
         # not SIG_IGN, so that exec'd children get the default back).
         signal.signal(signal.SIGINT, lambda *_: None)
     modules = pid1.module_paths()
-    split = next((i + 1 for i, path in enumerate(modules) if path.endswith(VSOCK_TRANSPORT)), len(modules))
+    split = max((i + 1 for i, path in enumerate(modules) if path.endswith(BOOT_MODULES)), default=len(modules))
     pid1.load_modules(modules[:split])
 
     table = ProcessTable()

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import fcntl
 import os
-import pty
-import signal
 import struct
-import subprocess
 import termios
 import threading
 
 from .pid1 import log
+from .spawn import SpawnError, spawn
 
 ATTACH_STREAMS = ("stdin", "stdout", "stderr")
 RELAY_CHUNK = 256 * 1024
@@ -52,12 +50,6 @@ class Process:
 def _set_winsize(fd: int, rows: int, cols: int) -> None:
     if rows and cols:
         fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-
-
-def _take_controlling_tty() -> None:
-    # Runs in the child between fork and exec: a login-style session whose
-    # controlling terminal is the pty on fd 0.
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
 def _pump_out(src_fd: int, sock, what: str) -> None:
@@ -158,21 +150,23 @@ class ProcessTable:
             return self._start_tty(proc)
         return self._start_pipes(proc)
 
-    def _spawn(self, proc: Process, **popen) -> int:
-        with self.lock:
-            try:
-                child = subprocess.Popen(proc.argv, env=_env_dict(proc.env), cwd=proc.cwd,
-                                         close_fds=True, **popen)
-            except OSError as exc:
-                del self.by_id[proc.id]
-                raise ProcessError("failed", f"cannot run {proc.argv[0]!r}: {exc.strerror}") from None
-            # The reaper owns waiting; keep Popen from ever calling waitpid itself.
-            child.returncode = 0
-            proc.pid = child.pid
-            self.by_pid[child.pid] = proc
-            self.spawned += 1
-            self.children.notify_all()
-        return proc.pid
+    def _spawn(self, proc: Process, stdio: tuple[int, int, int], tty: bool = False) -> int:
+        def record(pid: int) -> None:
+            # Recorded before the exec report is read: the reaper may see the
+            # child exit (even a failed exec exits) before spawn() returns.
+            with self.lock:
+                proc.pid = pid
+                self.by_pid[pid] = proc
+                self.spawned += 1
+                self.children.notify_all()
+
+        try:
+            return spawn(proc.argv, _env_dict(proc.env), proc.cwd, stdio,
+                         new_session=tty, controlling_tty=tty, on_fork=record)
+        except SpawnError as exc:
+            with self.lock:
+                self.by_id.pop(proc.id, None)
+            raise ProcessError("failed", f"cannot run {proc.argv[0]!r}: {exc.strerror}") from None
 
     def _start_pipes(self, proc: Process) -> int:
         fds = {}
@@ -180,22 +174,21 @@ class ProcessTable:
         try:
             for stream in ATTACH_STREAMS:
                 if stream not in proc.attached:
-                    fds[stream] = subprocess.DEVNULL
+                    fds[stream] = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
                     continue
-                r, w = os.pipe()
+                r, w = os.pipe2(os.O_CLOEXEC)
                 if stream == "stdin":
                     fds[stream], parent_ends[stream] = r, w
                 else:
                     fds[stream], parent_ends[stream] = w, r
-            pid = self._spawn(proc, stdin=fds["stdin"], stdout=fds["stdout"], stderr=fds["stderr"])
+            pid = self._spawn(proc, (fds["stdin"], fds["stdout"], fds["stderr"]))
         except Exception:
             for fd in parent_ends.values():
                 os.close(fd)
             raise
         finally:
             for fd in fds.values():
-                if isinstance(fd, int) and fd >= 0:
-                    os.close(fd)
+                os.close(fd)
         for stream, fd in parent_ends.items():
             sock = proc.attached[stream]
             if stream == "stdin":
@@ -206,11 +199,12 @@ class ProcessTable:
         return pid
 
     def _start_tty(self, proc: Process) -> int:
-        master, slave = pty.openpty()
+        master, slave = os.openpty()
+        os.set_inheritable(master, False)
+        os.set_inheritable(slave, False)
         _set_winsize(master, proc.rows, proc.cols)
         try:
-            pid = self._spawn(proc, stdin=slave, stdout=slave, stderr=slave,
-                              start_new_session=True, preexec_fn=_take_controlling_tty)
+            pid = self._spawn(proc, (slave, slave, slave), tty=True)
         except Exception:
             os.close(master)
             raise
@@ -305,9 +299,3 @@ def _env_dict(env: list[str]) -> dict[str, str]:
             result[key] = value
     return result
 
-
-def default_signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return str(signum)

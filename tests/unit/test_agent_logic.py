@@ -156,3 +156,16 @@ def test_concurrent_waits_and_requests(agent):
                                          for i in reversed(range(8))])
         return [r["exit_code"] for r in results]
     assert run(_session(agent, go)) == list(reversed(range(8)))
+
+
+def test_sigpipe_is_default_in_children(agent):
+    # Python ignores SIGPIPE for itself; a child must get the default back, or
+    # `yes | head -1` never ends.
+    status, out, _ = _pipe_run(agent, ["sh", "-c", "yes | head -n 1; exit 0"])
+    assert (status, out) == (0, b"y\n")
+
+
+def test_no_agent_fds_leak_into_children(agent):
+    status, out, _ = _pipe_run(agent, ["sh", "-c", "ls /proc/self/fd | sort -n | tr '\\n' ' '"])
+    assert status == 0
+    assert out.split() == [b"0", b"1", b"2", b"3"]  # 3 is ls's own directory handle
