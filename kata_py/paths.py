@@ -18,7 +18,7 @@ def state_dir() -> Path:
 
 
 def run_dir() -> Path:
-    return Path(os.environ.get("KATA_PY_RUN_DIR", "/run/kata-py"))
+    return Path(os.environ.get("KATA_PY_RUN_DIR", "/run/kata-py-sandboxes"))
 
 
 def ensure_private_dir(path: Path) -> Path:

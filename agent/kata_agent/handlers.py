@@ -12,13 +12,15 @@ import time
 from kata_py.protocol import PROTOCOL_VERSION
 
 from . import AGENT_VERSION
+from .container import Containers
 from .processes import ProcessError, ProcessTable
 
 
 class Handlers:
-    def __init__(self, table: ProcessTable, power_off) -> None:
+    def __init__(self, table: ProcessTable, power_off, containers: Containers | None = None) -> None:
         self.table = table
         self.power_off = power_off
+        self.containers = containers
 
     def dispatch(self, request_type: str, args: dict) -> dict:
         handler = getattr(self, "rpc_" + request_type)
@@ -38,14 +40,56 @@ class Handlers:
         if args.get("tty") and "stderr" in streams:
             raise ProcessError("invalid", "a tty process has no separate stderr")
         cwd = args.get("cwd", "/")
-        if not os.path.isdir(cwd):
-            raise ProcessError("invalid", f"cwd {cwd!r} is not a directory")
-        self.table.create(args["process_id"], args["argv"], args.get("env", []), cwd,
-                          bool(args.get("tty", False)), streams, args.get("rows", 0), args.get("cols", 0))
+        container_id = args.get("container_id")
+        if container_id is None:
+            if args.get("init"):
+                raise ProcessError("invalid", "init is only meaningful in a container")
+            # In a container, cwd is checked inside its root, at start.
+            if not os.path.isdir(cwd):
+                raise ProcessError("invalid", f"cwd {cwd!r} is not a directory")
+        else:
+            container = self._containers().get(container_id)
+            if args.get("init") and container.init_pid is not None:
+                raise ProcessError("state", f"container {container_id!r} already has an init process")
+        proc = self.table.create(args["process_id"], args["argv"], args.get("env", []), cwd,
+                                 bool(args.get("tty", False)), streams, args.get("rows", 0), args.get("cols", 0))
+        proc.container_id = container_id
+        proc.init = bool(args.get("init"))
+        proc.user = args.get("user")
         return {}
 
+    def rpc_create_container(self, args: dict) -> dict:
+        self._containers().create(args["container_id"], args["mount_tag"], bool(args.get("readonly")),
+                                  args.get("hostname", ""))
+        return {}
+
+    def rpc_prepare_process(self, args: dict) -> dict:
+        return {"pid": self._launch(args["process_id"], self.table.prepare)}
+
     def rpc_start_process(self, args: dict) -> dict:
-        return {"pid": self.table.start(args["process_id"])}
+        proc = self.table.get(args["process_id"])
+        if proc.child is not None:  # prepared: set up already, just release it
+            return {"pid": self.table.start(proc.id)}
+        return {"pid": self._launch(args["process_id"], self.table.start)}
+
+    def _launch(self, process_id: str, launch) -> int:
+        """Fork (prepare or start) a process, in its container if it has one."""
+        proc = self.table.get(process_id)
+        if proc.container_id is None:
+            return launch(process_id)
+        containers = self._containers()
+        container = containers.get(proc.container_id)
+        if proc.init:
+            pid = launch(process_id, setup=containers.init_setup(container))
+            container.init_pid = pid
+            return pid
+        setup, cleanup = containers.join_setup(container)
+        return launch(process_id, setup=setup, cleanup=cleanup)
+
+    def _containers(self) -> Containers:
+        if self.containers is None:
+            raise ProcessError("invalid", "this agent runs no containers")
+        return self.containers
 
     def rpc_signal_process(self, args: dict) -> dict:
         self.table.signal(args["process_id"], args["signal"])

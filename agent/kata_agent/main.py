@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 
+from .container import Containers
 from .handlers import Handlers
 from .pid1 import BASE_MOUNTS, Pid1, log
 from .processes import ProcessTable
@@ -31,12 +32,14 @@ def main() -> None:
     pid1.load_modules(modules[:split])
 
     table = ProcessTable()
-    server = Server(table, Handlers(table, pid1.power_off))
+    modules_ready = threading.Event()
+    server = Server(table, Handlers(table, pid1.power_off, Containers(pid1.sys, modules_ready)))
     listener = server.listen()
     log("listening on vsock port 1024")
 
     def late_setup() -> None:
         pid1.load_modules(modules[split:])
+        modules_ready.set()
 
     threading.Thread(target=late_setup, daemon=True).start()
     threading.Thread(target=table.reap_forever, daemon=True).start()

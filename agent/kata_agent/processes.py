@@ -45,6 +45,10 @@ class Process:
         self.exited = threading.Event()
         self.out_relays: list[threading.Thread] = []
         self.master_fd: int | None = None
+        self.child = None                      # a spawn.Child held at the barrier
+        self.container_id: str | None = None
+        self.init = False
+        self.user: dict | None = None          # {"uid", "gid", "additional_gids"}
 
 
 def _set_winsize(fd: int, rows: int, cols: int) -> None:
@@ -139,20 +143,88 @@ class ProcessTable:
                 raise ProcessError("exists", f"{stream} of {process_id!r} is already attached")
             proc.attached[stream] = sock
 
-    def start(self, process_id: str) -> int:
+    def prepare(self, process_id: str, setup=None, cleanup=None) -> int:
+        """Fork the process up to the barrier: set up, waiting for `start`."""
+        proc = self._check_startable(process_id)
+        return self._launch(proc, hold=True, setup=setup, cleanup=cleanup)
+
+    def start(self, process_id: str, setup=None, cleanup=None) -> int:
+        proc = self.get(process_id)
+        if proc.child is not None:
+            child, proc.child = proc.child, None
+            try:
+                child.release()
+            except SpawnError as exc:
+                raise ProcessError("failed", f"cannot run {proc.argv[0]!r}: {exc.strerror}") from None
+            return proc.pid
+        proc = self._check_startable(process_id)
+        return self._launch(proc, hold=False, setup=setup, cleanup=cleanup)
+
+    def _check_startable(self, process_id: str) -> Process:
         proc = self.get(process_id)
         missing = proc.wanted - set(proc.attached) - ({"stderr"} if proc.tty else set())
         if missing:
             raise ProcessError("state", f"streams {sorted(missing)} of {process_id!r} are not attached")
         if proc.pid is not None:
             raise ProcessError("state", f"process {process_id!r} already started")
-        if proc.tty:
-            return self._start_tty(proc)
-        return self._start_pipes(proc)
+        return proc
 
-    def _spawn(self, proc: Process, stdio: tuple[int, int, int], tty: bool = False) -> int:
+    def _launch(self, proc: Process, hold: bool, setup, cleanup) -> int:
+        """Make the stdio plumbing, fork, and start the relays."""
+        child_fds, parent_ends = [], {}
+        try:
+            if proc.tty:
+                master, slave = os.openpty()
+                os.set_inheritable(master, False)
+                os.set_inheritable(slave, False)
+                child_fds = [slave]
+                _set_winsize(master, proc.rows, proc.cols)
+                parent_ends["tty"] = master
+                stdio = (slave, slave, slave)
+            else:
+                for stream in ATTACH_STREAMS:
+                    if stream not in proc.attached:
+                        child_fds.append(os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC))
+                        continue
+                    r, w = os.pipe2(os.O_CLOEXEC)
+                    ours, theirs = (w, r) if stream == "stdin" else (r, w)
+                    child_fds.append(theirs)
+                    parent_ends[stream] = ours
+                stdio = tuple(child_fds)
+            proc.child = self._fork(proc, stdio, hold, setup)
+        except Exception:
+            for fd in parent_ends.values():
+                os.close(fd)
+            raise
+        finally:
+            for fd in set(child_fds):
+                os.close(fd)
+            if cleanup is not None:
+                cleanup()
+        if not hold:
+            proc.child = None
+        if proc.tty:
+            master = parent_ends["tty"]
+            proc.master_fd = master
+            if "stdout" in proc.attached:
+                self._relay(proc, _pump_out, (master, proc.attached["stdout"], f"{proc.id} tty"), out=True)
+            if "stdin" in proc.attached:
+                # Its own descriptor, so closing the master after exit cannot pull it
+                # out from under (or redirect) a relay that is still writing.
+                self._relay(proc, _pump_in, (proc.attached["stdin"], os.dup(master), f"{proc.id} tty-in", False),
+                            out=False)
+        else:
+            for stream, fd in parent_ends.items():
+                sock = proc.attached[stream]
+                if stream == "stdin":
+                    self._relay(proc, _pump_in, (sock, fd, f"{proc.id} stdin", True), out=False)
+                else:
+                    self._relay(proc, _pump_out_closing, (fd, sock, f"{proc.id} {stream}"), out=True)
+        return proc.pid
+
+    def _fork(self, proc: Process, stdio, hold: bool, setup):
         def record(pid: int) -> None:
-            # Recorded before the exec report is read: the reaper may see the
+            # Recorded before the child's report is read: the reaper may see the
             # child exit (even a failed exec exits) before spawn() returns.
             with self.lock:
                 proc.pid = pid
@@ -161,64 +233,13 @@ class ProcessTable:
                 self.children.notify_all()
 
         try:
-            return spawn(proc.argv, _env_dict(proc.env), proc.cwd, stdio,
-                         new_session=tty, controlling_tty=tty, on_fork=record)
+            return spawn(proc.argv, _env_dict(proc.env), proc.cwd, stdio, new_session=proc.tty,
+                         controlling_tty=proc.tty, setup=_with_user(setup, proc.user), hold=hold,
+                         on_fork=record)
         except SpawnError as exc:
             with self.lock:
                 self.by_id.pop(proc.id, None)
             raise ProcessError("failed", f"cannot run {proc.argv[0]!r}: {exc.strerror}") from None
-
-    def _start_pipes(self, proc: Process) -> int:
-        fds = {}
-        parent_ends = {}
-        try:
-            for stream in ATTACH_STREAMS:
-                if stream not in proc.attached:
-                    fds[stream] = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-                    continue
-                r, w = os.pipe2(os.O_CLOEXEC)
-                if stream == "stdin":
-                    fds[stream], parent_ends[stream] = r, w
-                else:
-                    fds[stream], parent_ends[stream] = w, r
-            pid = self._spawn(proc, (fds["stdin"], fds["stdout"], fds["stderr"]))
-        except Exception:
-            for fd in parent_ends.values():
-                os.close(fd)
-            raise
-        finally:
-            for fd in fds.values():
-                os.close(fd)
-        for stream, fd in parent_ends.items():
-            sock = proc.attached[stream]
-            if stream == "stdin":
-                target, args = _pump_in, (sock, fd, f"{proc.id} stdin", True)
-            else:
-                target, args = _pump_out_closing, (fd, sock, f"{proc.id} {stream}")
-            self._relay(proc, target, args, out=stream != "stdin")
-        return pid
-
-    def _start_tty(self, proc: Process) -> int:
-        master, slave = os.openpty()
-        os.set_inheritable(master, False)
-        os.set_inheritable(slave, False)
-        _set_winsize(master, proc.rows, proc.cols)
-        try:
-            pid = self._spawn(proc, (slave, slave, slave), tty=True)
-        except Exception:
-            os.close(master)
-            raise
-        finally:
-            os.close(slave)
-        proc.master_fd = master
-        if "stdout" in proc.attached:
-            self._relay(proc, _pump_out, (master, proc.attached["stdout"], f"{proc.id} tty"), out=True)
-        if "stdin" in proc.attached:
-            # Its own descriptor, so closing the master after exit cannot pull it
-            # out from under (or redirect) a relay that is still writing.
-            self._relay(proc, _pump_in, (proc.attached["stdin"], os.dup(master), f"{proc.id} tty-in", False),
-                        out=False)
-        return pid
 
     def _relay(self, proc: Process, target, args, out: bool) -> None:
         thread = threading.Thread(target=target, args=args, daemon=True)
@@ -289,6 +310,20 @@ def _pump_out_closing(fd: int, sock, what: str) -> None:
         _pump_out(fd, sock, what)
     finally:
         os.close(fd)
+
+
+def _with_user(setup, user: dict | None):
+    """Compose the container set-up with the switch to the process's user."""
+    if user is None:
+        return setup
+
+    def run() -> None:
+        if setup is not None:
+            setup()
+        os.setgroups(user.get("additional_gids", []))
+        os.setgid(user["gid"])
+        os.setuid(user["uid"])
+    return run
 
 
 def _env_dict(env: list[str]) -> dict[str, str]:

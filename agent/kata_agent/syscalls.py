@@ -14,10 +14,21 @@ RB_AUTOBOOT = 0x01234567
 RB_POWER_OFF = 0x4321FEDC
 EEXIST = 17
 
+MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_MOVE = 0x2000
+MS_REC = 0x4000
+MS_SLAVE = 1 << 19
+MS_PRIVATE = 1 << 18
 MS_RELATIME = 1 << 21
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
 
 
 class Syscalls:
@@ -34,6 +45,19 @@ class Syscalls:
         self._check(self._libc.mount(source.encode(), target.encode(), fstype.encode(),
                                      ctypes.c_ulong(flags), data.encode() or None),
                     f"mount {fstype} on {target}")
+
+    def unshare(self, flags: int) -> None:
+        self._check(self._libc.unshare(flags), "unshare")
+
+    def setns(self, fd: int, nstype: int) -> None:
+        self._check(self._libc.setns(fd, nstype), "setns")
+
+    def chroot(self, path: str) -> None:
+        self._check(self._libc.chroot(path.encode()), f"chroot {path}")
+
+    def sethostname(self, name: str) -> None:
+        raw = name.encode()
+        self._check(self._libc.sethostname(raw, len(raw)), "sethostname")
 
     def load_module(self, path: str) -> bool:
         """finit_module(2); returns False when the module was already loaded."""

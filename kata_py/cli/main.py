@@ -12,16 +12,14 @@ import logging
 import sys
 
 from .. import __version__
-from ..errors import KataError
+from ..errors import ConfigError, KataError
 from . import logging_setup
 
 # subcommand -> module in kata_py.cli; imported only when used, so `kata-py
 # state` does not pay for what `kata-py vm run` needs.
-SUBCOMMANDS = {
-    "vm": "vm",
-    "check": "check",
-    "image": "image",
-}
+SUBCOMMANDS = {name: name for name in (
+    "create", "start", "state", "kill", "delete", "run", "exec", "list", "pause", "resume",
+    "spec", "features", "vm", "check", "image")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log", metavar="FILE", help="write log records to FILE")
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
     parser.add_argument("--root", default="/run/kata-py", help="root directory for container state")
+    parser.add_argument("--systemd-cgroup", action="store_true",
+                        help="accepted for compatibility; the container's cgroup lives inside its VM, "
+                             "so the host's cgroup manager is not involved")
+    parser.add_argument("--rootless", default="false", help="only false is supported")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module in SUBCOMMANDS.items():
         importlib.import_module(f"{__package__}.{module}").add_parser(sub)
@@ -45,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging_setup.setup(args.log, args.log_format, args.debug)
     try:
+        if args.rootless not in ("false", "auto"):
+            raise ConfigError("--rootless: rootless containers are not supported by kata-py")
         status = args.func(args)
     except KataError as exc:
         logging.getLogger("kata_py").error("%s", exc)

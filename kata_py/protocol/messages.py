@@ -59,7 +59,22 @@ REQUESTS: dict[str, tuple[dict, dict]] = {
         "cols": {"type": "integer", "minimum": 0, "maximum": 65535},
         # Streams the host will attach before start; the others read/write /dev/null.
         "streams": {"type": "array", "maxItems": 3, "items": {"enum": list(STREAMS)}},
+        # In a container: its init creates the container's namespaces, others join them.
+        "container_id": _process_id,
+        "init": {"type": "boolean"},
+        "user": _obj({"uid": _uint32, "gid": _uint32,
+                      "additional_gids": {"type": "array", "maxItems": 256, "items": _uint32}},
+                     required=["uid", "gid"]),
     }, required=["process_id", "argv"]), _empty),
+    "create_container": (_obj({
+        "container_id": _process_id,
+        "mount_tag": {"type": "string", "minLength": 1, "maxLength": 31, "pattern": "^[A-Za-z0-9_.-]+$"},
+        "readonly": {"type": "boolean"},
+        "hostname": {"type": "string", "maxLength": 64},
+    }, required=["container_id", "mount_tag"]), _empty),
+    # Fork the process and set it up, but hold it before exec until start_process.
+    "prepare_process": (_obj({"process_id": _process_id}, required=["process_id"]),
+                        _obj({"pid": {"type": "integer", "minimum": 1, "maximum": 2**22}}, required=["pid"])),
     "start_process": (_obj({"process_id": _process_id}, required=["process_id"]),
                       _obj({"pid": {"type": "integer", "minimum": 1, "maximum": 2**22}}, required=["pid"])),
     "signal_process": (_obj({"process_id": _process_id, "signal": {"type": "integer", "minimum": 0, "maximum": 64}},

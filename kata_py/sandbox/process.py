@@ -1,9 +1,12 @@
-"""Run one process in a sandbox with its stdio relayed to host file descriptors.
+"""Processes in a sandbox, with their stdio relayed to host file descriptors.
 
-stdout and stderr are written to the host in full before the exit status is
-returned. Host stdin is read by a daemon thread (a blocking read of a tty or
-pipe cannot be cancelled, and must not keep the program alive once the guest
-process has exited).
+A ProcessSession walks one guest process through the agent's steps: create
+(register it, with its stdio streams), attach (one vsock connection per
+stream), prepare (fork and hold before exec: OCI `create`) or start, and
+relay + wait. stdout and stderr are written to the host in full before the
+exit status is returned. Host stdin is read by a daemon thread (a blocking
+read of a tty or pipe cannot be cancelled, and must not keep the program
+alive once the guest process has exited).
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ import secrets
 import signal
 import threading
 
+from ..errors import KataError
 from .agent_client import open_stream
 
 RELAY_CHUNK = 256 * 1024
-STDIO = ("stdin", "stdout", "stderr")
+DEFAULT_ENV = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root", "TERM=xterm"]
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 def exit_status(exit_code: int | None, signum: int | None) -> int:
@@ -44,18 +49,15 @@ def _write_all(fd: int, data: bytes) -> None:
             return
 
 
-def _start_stdin_reader(fd: int, writer: asyncio.StreamWriter, loop: asyncio.AbstractEventLoop,
-                        done: asyncio.Event) -> None:
+def _start_stdin_reader(fd: int, writer: asyncio.StreamWriter, loop: asyncio.AbstractEventLoop) -> None:
     """Host fd -> guest stdin, with backpressure: one chunk in flight at a time."""
 
     async def push(data: bytes) -> None:
         if data:
             writer.write(data)
             await writer.drain()
-        else:
-            if writer.can_write_eof():
-                writer.write_eof()
-            done.set()
+        elif writer.can_write_eof():
+            writer.write_eof()
 
     def run() -> None:
         try:
@@ -64,8 +66,7 @@ def _start_stdin_reader(fd: int, writer: asyncio.StreamWriter, loop: asyncio.Abs
                     data = os.read(fd, RELAY_CHUNK)
                 except OSError:
                     data = b""
-                future = asyncio.run_coroutine_threadsafe(push(data), loop)
-                future.result()
+                asyncio.run_coroutine_threadsafe(push(data), loop).result()
                 if not data:
                     return
         except Exception:  # the loop is gone or the guest side closed: nothing left to feed
@@ -74,42 +75,100 @@ def _start_stdin_reader(fd: int, writer: asyncio.StreamWriter, loop: asyncio.Abs
     threading.Thread(target=run, name="stdin-relay", daemon=True).start()
 
 
-async def run_process(sandbox, argv: list[str], env: list[str] | None = None, cwd: str = "/",
-                      stdin_fd: int | None = 0, stdout_fd: int = 1, stderr_fd: int = 2,
-                      forward_signals: bool = False) -> int:
-    """Run argv in the guest; return its exit status (128+N if killed by signal N)."""
-    agent = sandbox.agent
-    process_id = "p-" + secrets.token_hex(6)
-    streams = ["stdout", "stderr"] + (["stdin"] if stdin_fd is not None else [])
-    await agent.request("create_process", {
-        "process_id": process_id, "argv": list(argv),
-        "env": list(env if env is not None else ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                                                  "HOME=/root", "TERM=xterm"]),
-        "cwd": cwd, "streams": streams,
-    })
-    connections = {name: await open_stream(sandbox.transport, process_id, name) for name in streams}
-    await agent.request("start_process", {"process_id": process_id})
+class ProcessSession:
+    """One guest process and its host-side stdio.
 
-    loop = asyncio.get_running_loop()
-    stdin_done = asyncio.Event()
-    if stdin_fd is not None:
-        _start_stdin_reader(stdin_fd, connections["stdin"][1], loop, stdin_done)
-    relays = [asyncio.ensure_future(_relay_out(connections[name][0], fd))
-              for name, fd in (("stdout", stdout_fd), ("stderr", stderr_fd))]
-    forwarded = []
-    if forward_signals:
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-            loop.add_signal_handler(signum, lambda s=signum: asyncio.ensure_future(
-                agent.request("signal_process", {"process_id": process_id, "signal": int(s)})))
-            forwarded.append(signum)
+    `stdin_fd` None means the process gets /dev/null; with `tty`, stdout_fd
+    receives the terminal's output and stderr_fd is unused.
+    """
+
+    def __init__(self, sandbox, argv: list[str], env: list[str] | None = None, cwd: str = "/",
+                 stdin_fd: int | None = 0, stdout_fd: int | None = 1, stderr_fd: int | None = 2,
+                 tty: bool = False, rows: int = 0, cols: int = 0, container_id: str | None = None,
+                 init: bool = False, user: dict | None = None, process_id: str | None = None) -> None:
+        self.sandbox = sandbox
+        self.process_id = process_id or "p-" + secrets.token_hex(6)
+        self.fds = {"stdin": stdin_fd, "stdout": stdout_fd, "stderr": None if tty else stderr_fd}
+        self.streams = [name for name, fd in self.fds.items() if fd is not None]
+        self.args = {"process_id": self.process_id, "argv": list(argv),
+                     "env": list(DEFAULT_ENV if env is None else env), "cwd": cwd, "streams": self.streams}
+        if tty:
+            self.args.update(tty=True, rows=rows, cols=cols)
+        if container_id is not None:
+            self.args.update(container_id=container_id, init=init)
+        if user is not None:
+            self.args["user"] = user
+        self.connections: dict[str, tuple] = {}
+        self.pid: int | None = None
+
+    @property
+    def agent(self):
+        return self.sandbox.agent
+
+    async def create(self) -> None:
+        await self.agent.request("create_process", self.args)
+        for name in self.streams:
+            self.connections[name] = await open_stream(self.sandbox.transport, self.process_id, name)
+
+    async def prepare(self) -> int:
+        self.pid = (await self.agent.request("prepare_process", {"process_id": self.process_id}))["pid"]
+        return self.pid
+
+    async def start(self) -> int:
+        self.pid = (await self.agent.request("start_process", {"process_id": self.process_id}))["pid"]
+        return self.pid
+
+    async def signal(self, signum: int) -> None:
+        await self.agent.request("signal_process", {"process_id": self.process_id, "signal": int(signum)})
+
+    async def resize(self, rows: int, cols: int) -> None:
+        await self.agent.request("resize_tty", {"process_id": self.process_id, "rows": rows, "cols": cols})
+
+    def forward_signals(self) -> list[int]:
+        """Pass the host's termination signals on to the guest process."""
+        loop = asyncio.get_running_loop()
+
+        async def forward(signum: int) -> None:
+            try:
+                await self.signal(signum)
+            except KataError:
+                pass  # it has exited already: nothing to signal
+
+        for signum in FORWARDED_SIGNALS:
+            loop.add_signal_handler(signum, lambda s=signum: asyncio.ensure_future(forward(s)))
+        return list(FORWARDED_SIGNALS)
+
+    async def relay_and_wait(self) -> int:
+        """Relay stdio until the process has exited and its output is drained;
+        return its exit status (128+N if killed by signal N)."""
+        loop = asyncio.get_running_loop()
+        if "stdin" in self.connections:
+            _start_stdin_reader(self.fds["stdin"], self.connections["stdin"][1], loop)
+        relays = [asyncio.ensure_future(_relay_out(self.connections[name][0], self.fds[name]))
+                  for name in ("stdout", "stderr") if name in self.connections]
+        try:
+            result = await self.agent.request("wait_process", {"process_id": self.process_id}, timeout=None)
+            await asyncio.gather(*relays)
+        finally:
+            for task in relays:
+                task.cancel()
+            self.close()
+        return exit_status(result["exit_code"], result["signal"])
+
+    def close(self) -> None:
+        for _, writer in self.connections.values():
+            writer.close()
+
+
+async def run_process(sandbox, argv: list[str], forward_signals: bool = False, **kwargs) -> int:
+    """Run argv in the guest; return its exit status (128+N if killed by signal N)."""
+    session = ProcessSession(sandbox, argv, **kwargs)
+    await session.create()
+    await session.start()
+    forwarded = session.forward_signals() if forward_signals else []
     try:
-        result = await agent.request("wait_process", {"process_id": process_id}, timeout=None)
-        await asyncio.gather(*relays)
+        return await session.relay_and_wait()
     finally:
+        loop = asyncio.get_running_loop()
         for signum in forwarded:
             loop.remove_signal_handler(signum)
-        for task in relays:
-            task.cancel()
-        for _, writer in connections.values():
-            writer.close()
-    return exit_status(result["exit_code"], result["signal"])

@@ -30,6 +30,24 @@ BOOT_TIMEOUT = 60.0     # TCG on a loaded 2-core host can be slow; a hung boot s
 SHUTDOWN_TIMEOUT = 3.0
 
 
+@dataclass(frozen=True)
+class Share:
+    """A host directory exported into the guest over virtio-9p."""
+
+    tag: str
+    path: Path
+    readonly: bool = False
+
+    def qemu_args(self, bus: str) -> list[str]:
+        # passthrough: the guest's root may chown/chmod for real, as a container's
+        # root expects; the export is confined to `path` by QEMU.
+        fsdev = f"local,id=fs-{self.tag},path={self.path},security_model=passthrough"
+        if self.readonly:
+            fsdev += ",readonly=on"
+        device = "virtio-9p-device" if bus == "mmio" else "virtio-9p-pci"
+        return ["-fsdev", fsdev, "-device", f"{device},fsdev=fs-{self.tag},mount_tag={self.tag}"]
+
+
 @dataclass
 class BootTimes:
     """Seconds from the start of `start()` to each milestone."""
@@ -41,13 +59,16 @@ class BootTimes:
 
 class Sandbox:
     def __init__(self, image, memory_mib: int = 128, cpus: int = 1, machine: str = "microvm",
-                 accel: str | None = None, name: str | None = None) -> None:
+                 accel: str | None = None, name: str | None = None, shares: list[Share] = (),
+                 qmp_socket: bool = False) -> None:
         self.image = image
         self.memory_mib = memory_mib
         self.cpus = cpus
         self.machine_type = machine
         self.accel = accel
         self.name = name
+        self.shares = list(shares)
+        self.qmp_socket = qmp_socket
         self.run_dir: Path | None = None
         self.transport = None
         self.machine: QemuMachine | None = None
@@ -80,6 +101,11 @@ class Sandbox:
                               cpus=self.cpus, accel=accel, machine=self.machine_type,
                               name=self.name or f"kata-py-{self.run_dir.name}")
             config.extra_args += self.transport.qemu_args(config.bus)
+            for share in self.shares:
+                config.extra_args += share.qemu_args(config.bus)
+            if self.qmp_socket:
+                # A second monitor for other processes (pause/resume from the CLI).
+                config.extra_args += ["-qmp", f"unix:{self.run_dir / 'qmp.sock'},server=on,wait=off"]
             self.machine = QemuMachine(config, self.run_dir)
             await self.machine.launch()
             self.times.launched = time.monotonic() - started

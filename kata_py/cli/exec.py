@@ -1,0 +1,77 @@
+"""`kata-py exec`: run one more process in a running container."""
+
+from __future__ import annotations
+
+import json
+
+from ..errors import ConfigError
+from .common import add_id, store
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("exec", help="run a process in a running container")
+    parser.add_argument("--process", "-p", help="path to a process.json (OCI process object)")
+    parser.add_argument("--detach", "-d", action="store_true")
+    parser.add_argument("--pid-file")
+    parser.add_argument("--tty", "-t", action="store_true")
+    parser.add_argument("--console-socket")
+    parser.add_argument("--env", "-e", action="append", default=[])
+    parser.add_argument("--cwd")
+    parser.add_argument("--user", "-u")
+    parser.add_argument("--additional-gids", "-g", action="append", default=[])
+    parser.add_argument("--preserve-fds", type=int, default=0)
+    parser.add_argument("--no-new-privs", action="store_true")
+    parser.add_argument("--cap", "-c", action="append", default=[])
+    parser.add_argument("--process-label")
+    parser.add_argument("--apparmor")
+    parser.add_argument("--ignore-paused", action="store_true")
+    add_id(parser)
+    parser.add_argument("command", nargs="*")
+    parser.set_defaults(func=cmd_exec)
+
+
+def process_spec(args) -> dict:
+    if args.process:
+        try:
+            with open(args.process) as f:
+                spec = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--process {args.process}: {exc}") from None
+        if not isinstance(spec, dict) or not spec.get("args"):
+            raise ConfigError(f"--process {args.process}: an OCI process object with args is required")
+    else:
+        if not args.command:
+            raise ConfigError("exec needs a command (or --process)")
+        spec = {"args": args.command, "cwd": "/", "env": [
+            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]}
+    if args.tty:
+        spec["terminal"] = True
+    spec.setdefault("env", [])
+    spec["env"] = list(spec["env"]) + args.env
+    if args.cwd:
+        spec["cwd"] = args.cwd
+    if args.user:
+        from ..oci.process_spec import parse_user
+
+        user = parse_user(args.user)
+        spec["user"] = {"uid": user["uid"], "gid": user["gid"]}
+    if args.additional_gids:
+        spec.setdefault("user", {"uid": 0, "gid": 0})["additionalGids"] = [int(g) for g in args.additional_gids]
+    if not str(spec.get("cwd", "/")).startswith("/"):
+        raise ConfigError("exec: the working directory must be absolute")
+    return spec
+
+
+def cmd_exec(args) -> int:
+    from ..oci.container import exec_detached
+    from ..oci.exec_process import run_attached
+
+    if args.preserve_fds:
+        raise ConfigError("--preserve-fds: host file descriptors cannot be passed into a VM sandbox")
+    spec = process_spec(args)
+    if spec.get("terminal") and not args.console_socket and args.detach:
+        raise ConfigError("exec --tty --detach needs --console-socket")
+    if args.detach:
+        exec_detached(store(args), args.container_id, spec, args.pid_file, args.console_socket, args.log)
+        return 0
+    return run_attached(store(args), args.container_id, spec, args.console_socket)

@@ -1,0 +1,37 @@
+"""`kata-py run`: create + start, then wait for the container (unless --detach)."""
+
+from .common import add_id, store
+from .create import add_create_flags, check_preserve_fds
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("run", help="create and start a container")
+    add_create_flags(parser)
+    parser.add_argument("--detach", "-d", action="store_true", help="return once the container runs")
+    parser.add_argument("--keep", action="store_true", help="do not delete the container after it exits")
+    add_id(parser)
+    parser.set_defaults(func=cmd_run)
+
+
+def cmd_run(args) -> int:
+    import signal
+
+    from ..oci.container import create, delete, start
+
+    check_preserve_fds(args)
+    st = store(args)
+    monitor = create(st, args.container_id, args.bundle, args.pid_file, args.console_socket, args.log)
+    try:
+        start(st, args.container_id)
+    except BaseException:
+        delete(st, args.container_id, force=True)
+        raise
+    if args.detach:
+        return 0
+    # The monitor relays stdio and forwards signals; we pass ours to it.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(signum, lambda s, _f: monitor.send_signal(s))
+    status = monitor.wait()
+    if not args.keep:
+        delete(st, args.container_id, force=True)
+    return status if status >= 0 else 128 - status

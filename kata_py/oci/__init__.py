@@ -1,0 +1,1 @@
+"""OCI runtime-spec side: config.json loading and validation, the state store."""

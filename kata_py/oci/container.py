@@ -1,0 +1,290 @@
+"""Container operations behind the OCI CLI: one function per operation.
+
+Each takes the state store and an id, holds the container's lock while it
+changes anything, and leaves nothing behind when it fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pwd
+import shutil
+import signal as signal_module
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ..errors import ConfigError, KataError
+from .exec_process import connect
+from .hooks import run_hooks
+from .spec import load_bundle
+from .state import ContainerState, StateStore, Status, StatusError, process_start_time, validate_id
+
+CREATE_TIMEOUT = 600.0      # a first create may build the guest image
+MONITOR_EXIT_TIMEOUT = 15.0
+
+
+def _monitor_argv(root: str, container_id: str, status_fd: int, console_socket: str | None,
+                  log_file: str | None, process_json: str | None = None) -> list[str]:
+    argv = [sys.executable, "-m", "kata_py.oci.monitor", "--root", root, "--id", container_id,
+            "--status-fd", str(status_fd)]
+    if console_socket:
+        argv += ["--console-socket", console_socket]
+    if log_file:
+        argv += ["--log", log_file]
+    if process_json:
+        argv += ["--exec-process-json", process_json]
+    return argv
+
+
+def spawn_monitor(argv_for, timeout: float = CREATE_TIMEOUT) -> tuple[subprocess.Popen, dict]:
+    """Start a monitor and wait for its one-line report; (process, payload)."""
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    try:
+        proc = subprocess.Popen(argv_for(write_fd), pass_fds=[write_fd], start_new_session=True)
+    except OSError as exc:
+        os.close(read_fd)
+        raise KataError(f"cannot start the monitor: {exc.strerror}") from None
+    finally:
+        os.close(write_fd)
+    try:
+        line = _read_line(read_fd, timeout)
+    finally:
+        os.close(read_fd)
+    kind, _, payload = line.partition(" ")
+    if kind == "ok":
+        return proc, json.loads(payload)
+    _stop(proc)
+    message = json.loads(payload) if kind == "error" and payload else "the monitor exited without a report"
+    raise KataError(message)
+
+
+def _read_line(fd: int, timeout: float) -> str:
+    import select
+
+    deadline = time.monotonic() + timeout
+    data = b""
+    while b"\n" not in data:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return "error " + json.dumps(f"the monitor did not report within {timeout:.0f} s")
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > 1 << 20:
+            break
+    return data.decode(errors="replace").split("\n", 1)[0]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+def _write_pid_file(path: str, pid: int) -> None:
+    target = Path(path).resolve()
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".kata-py-pid")
+    with os.fdopen(fd, "w") as f:
+        f.write(str(pid))
+    os.replace(tmp, target)
+
+
+def _owner() -> str:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
+
+
+def create(store: StateStore, container_id: str, bundle: str, pid_file: str | None = None,
+           console_socket: str | None = None, log_file: str | None = None) -> subprocess.Popen:
+    validate_id(container_id)
+    bundle_dir, config, rootfs = load_bundle(bundle)
+    process = config.get("process")
+    if process is None:
+        raise ConfigError("config.json /process: required to create a container")
+    if process.get("terminal") and not console_socket:
+        raise ConfigError("config.json /process/terminal is true: --console-socket is required")
+    if console_socket and not process.get("terminal"):
+        raise ConfigError("--console-socket needs config.json /process/terminal to be true")
+    with store.lock(container_id, create=True):
+        state = ContainerState(id=container_id, bundle=str(bundle_dir), rootfs=str(rootfs), owner=_owner(),
+                               annotations=config.get("annotations", {}), terminal=bool(process.get("terminal")),
+                               config_hooks=config.get("hooks", {}))
+        store.save(state)
+        try:
+            proc, report = spawn_monitor(lambda fd: _monitor_argv(str(store.root), container_id, fd,
+                                                                  console_socket, log_file))
+            state.pid = proc.pid
+            state.pid_start_time = process_start_time(proc.pid)
+            state.run_dir = report["run_dir"]
+            state.vsock = report["vsock"]
+            state.init_process = report["init_process"]
+            state.status = Status.CREATED.value
+            store.save(state)
+            hooks = state.config_hooks
+            try:
+                run_hooks("prestart", hooks.get("prestart", []), state.oci_state())
+                run_hooks("createRuntime", hooks.get("createRuntime", []), state.oci_state())
+            except KataError:
+                _stop(proc)
+                raise
+            if pid_file:
+                _write_pid_file(pid_file, proc.pid)
+        except BaseException:
+            store.remove(container_id)
+            raise
+    return proc
+
+
+def start(store: StateStore, container_id: str) -> None:
+    with store.lock(container_id):
+        state = store.load(container_id)
+        status = state.live_status()
+        if not status.can_start():
+            raise StatusError(container_id, "start", status)
+        asyncio.run(_agent_call(state, "start_process", {"process_id": state.init_process}))
+        state.status = Status.RUNNING.value
+        store.save(state)
+    run_hooks("poststart", state.config_hooks.get("poststart", []), state.oci_state(), fatal=False)
+
+
+async def _agent_call(state: ContainerState, request: str, args: dict, timeout: float = 30.0) -> dict:
+    handle = await connect(state)
+    try:
+        return await handle.agent.request(request, args, timeout=timeout)
+    finally:
+        await handle.agent.close()
+
+
+def parse_signal(text: str) -> int:
+    text = text.strip().upper()
+    if text.isdigit():
+        number = int(text)
+        if 1 <= number <= 64:
+            return number
+    else:
+        name = text if text.startswith("SIG") else "SIG" + text
+        try:
+            return int(getattr(signal_module.Signals, name))
+        except AttributeError:
+            pass
+    raise ConfigError(f"invalid signal {text!r}")
+
+
+def kill(store: StateStore, container_id: str, signum: int, all_processes: bool = False) -> None:
+    state = store.load(container_id)
+    status = state.live_status()
+    if not status.can_kill():
+        raise StatusError(container_id, "kill", status)
+    if status is Status.PAUSED:
+        # A paused VM cannot deliver a signal; let it run for that (runc, too,
+        # delivers a SIGKILL to a frozen container once thawed).
+        resume_vm(state)
+    asyncio.run(_agent_call(state, "signal_process", {"process_id": state.init_process, "signal": signum}))
+
+
+def _wait_monitor_exit(state: ContainerState, timeout: float) -> bool:
+    from .state import pid_alive
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pid_alive(state.pid, state.pid_start_time):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def delete(store: StateStore, container_id: str, force: bool = False) -> None:
+    with store.lock(container_id):
+        state = store.load(container_id)
+        status = state.live_status()
+        if not (status.can_delete() or force):
+            raise StatusError(container_id, "delete", status)
+        if status is not Status.STOPPED:
+            try:
+                if status is Status.PAUSED:
+                    resume_vm(state)
+                asyncio.run(_agent_call(state, "signal_process",
+                                        {"process_id": state.init_process, "signal": 9}, timeout=10))
+            except KataError:
+                pass  # the VM is going or gone; the monitor is killed below if need be
+        if not _wait_monitor_exit(state, MONITOR_EXIT_TIMEOUT) and state.pid:
+            try:
+                os.kill(state.pid, signal_module.SIGKILL)  # QEMU dies with it (PDEATHSIG)
+            except ProcessLookupError:
+                pass
+            _wait_monitor_exit(state, 5.0)
+        if state.run_dir:
+            shutil.rmtree(state.run_dir, ignore_errors=True)
+        store.remove(container_id)
+    run_hooks("poststop", state.config_hooks.get("poststop", []), dict(state.oci_state(), status="stopped"),
+              fatal=False)
+
+
+def _qmp(state: ContainerState, command: str) -> None:
+    from qemu.qmp import QMPClient
+
+    async def go():
+        client = QMPClient(f"kata-py-{state.id[:40]}")
+        try:
+            await asyncio.wait_for(client.connect(str(Path(state.run_dir) / "qmp.sock")), 10)
+            await asyncio.wait_for(client.execute(command), 10)
+        finally:
+            await client.disconnect()
+    try:
+        asyncio.run(go())
+    except (OSError, asyncio.TimeoutError, Exception) as exc:
+        raise KataError(f"container {state.id!r}: QMP {command} failed: {exc}") from None
+
+
+def resume_vm(state: ContainerState) -> None:
+    _qmp(state, "cont")
+
+
+def pause(store: StateStore, container_id: str) -> None:
+    with store.lock(container_id):
+        state = store.load(container_id)
+        status = state.live_status()
+        if not status.can_pause():
+            raise StatusError(container_id, "pause", status)
+        _qmp(state, "stop")  # the whole VM stops: the container is frozen with it
+        state.status = Status.PAUSED.value
+        store.save(state)
+
+
+def resume(store: StateStore, container_id: str) -> None:
+    with store.lock(container_id):
+        state = store.load(container_id)
+        status = state.live_status()
+        if not status.can_resume():
+            raise StatusError(container_id, "resume", status)
+        resume_vm(state)
+        state.status = Status.RUNNING.value
+        store.save(state)
+
+
+def exec_detached(store: StateStore, container_id: str, spec: dict, pid_file: str | None,
+                  console_socket: str | None, log_file: str | None) -> int:
+    state = store.load(container_id)
+    status = state.live_status()
+    if not status.can_exec():
+        raise StatusError(container_id, "exec in", status)
+    fd, process_json = tempfile.mkstemp(dir=store.dir(container_id), prefix="exec-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(spec, f)
+    try:
+        proc, _ = spawn_monitor(lambda wfd: _monitor_argv(str(store.root), container_id, wfd, console_socket,
+                                                          log_file, process_json), timeout=60)
+    finally:
+        if os.path.exists(process_json):
+            os.unlink(process_json)
+    if pid_file:
+        _write_pid_file(pid_file, proc.pid)
+    return proc.pid

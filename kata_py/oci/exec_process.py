@@ -1,0 +1,78 @@
+"""One more process in a running container, over the agent's vsock socket.
+
+Used inline by an attached `kata-py exec`, and by the exec monitor process
+for `exec --detach` (whose pid goes in --pid-file and which exits with the
+process's status, as the container's monitor does for init).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+
+from ..errors import KataError
+from ..sandbox.agent_client import AgentClient
+from ..sandbox.process import ProcessSession
+from .process_spec import agent_container_id, process_args
+from .state import ContainerState, StateStore, StatusError
+
+CONNECT_TIMEOUT = 10.0
+
+
+def transport_for(state: ContainerState):
+    """Reach the agent of a container's VM from any process."""
+    from ..vsock.transport import HybridVsock, KernelVsock
+
+    if "cid" in state.vsock:
+        return KernelVsock(int(state.vsock["cid"]))
+    return HybridVsock(Path(state.run_dir))
+
+
+async def connect(state: ContainerState) -> SimpleNamespace:
+    """A sandbox-like handle (agent + transport) for ProcessSession and friends."""
+    transport = transport_for(state)
+    try:
+        agent = await AgentClient.connect(transport, timeout=CONNECT_TIMEOUT)
+    except (KataError, OSError) as exc:
+        raise KataError(f"container {state.id!r}: cannot reach its VM's agent: {exc}") from None
+    return SimpleNamespace(agent=agent, transport=transport)
+
+
+async def exec_in_container(store: StateStore, container_id: str, spec: dict, console_socket: str | None,
+                            report=None) -> int:
+    state = store.load(container_id)
+    status = state.live_status()
+    if not status.can_exec():
+        raise StatusError(container_id, "exec in", status)
+    handle = await connect(state)
+    console = None
+    try:
+        if spec.get("terminal"):
+            from .console import HostConsole
+
+            if not console_socket:
+                raise KataError("exec with a terminal needs --console-socket")
+            console = HostConsole()
+        args = process_args(spec)
+        stdio = ({"stdin_fd": console.slave, "stdout_fd": console.slave, "stderr_fd": None, "tty": True}
+                 if console else {"stdin_fd": 0, "stdout_fd": 1, "stderr_fd": 2})
+        if console is not None:
+            console.send_master(console_socket)
+        session = ProcessSession(handle, args["argv"], env=args["env"], cwd=args["cwd"], user=args["user"],
+                                 rows=args.get("rows", 0), cols=args.get("cols", 0),
+                                 container_id=agent_container_id(container_id), **stdio)
+        await session.create()
+        await session.start()
+        if report is not None:
+            report.send("ok", {"process": session.process_id, "guest_pid": session.pid})
+        session.forward_signals()
+        return await session.relay_and_wait()
+    finally:
+        if console is not None:
+            console.close()
+        await handle.agent.close()
+
+
+def run_attached(store: StateStore, container_id: str, spec: dict, console_socket: str | None) -> int:
+    return asyncio.run(exec_in_container(store, container_id, spec, console_socket))

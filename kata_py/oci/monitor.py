@@ -1,0 +1,164 @@
+"""The container's host monitor process.
+
+`create` starts it; its pid is the container's pid (the one in --pid-file).
+It owns the sandbox VM for the container's whole life, relays the init
+process's stdio (the stdio it inherited from `create`, or a console socket
+pty), and exits with the container's exit status (128+N when killed by
+signal N) once the VM is torn down, so that a subreaper (containerd's shim,
+conmon) reaps the right status.
+
+It reports to `create` over a status pipe: one line "ok <json>" once the
+container is created (held before exec), or "error <message>".
+In exec mode it does the same for one process of a running container.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from ..errors import KataError
+from .state import Status, StateStore
+
+log = logging.getLogger("kata_py.monitor")
+
+
+class StatusPipe:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def send(self, kind: str, payload) -> None:
+        if self.fd < 0:
+            return
+        line = f"{kind} {json.dumps(payload)}\n".encode()
+        try:
+            os.write(self.fd, line)
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _stdio_fds(console) -> dict:
+    if console is not None:
+        return {"stdin_fd": console.slave, "stdout_fd": console.slave, "stderr_fd": None, "tty": True}
+    return {"stdin_fd": 0, "stdout_fd": 1, "stderr_fd": 2}
+
+
+async def _watch_winsize(console, session) -> None:
+    """SIGWINCH on the host pty -> resize the guest pty."""
+    loop = asyncio.get_running_loop()
+
+    async def resize() -> None:
+        try:
+            await session.resize(*console.size())
+        except KataError as exc:
+            log.debug("resize: %s", exc)
+
+    loop.add_signal_handler(signal.SIGWINCH, lambda: asyncio.ensure_future(resize()))
+
+
+async def run_container(args, report: StatusPipe) -> int:
+    from ..image import ensure_image
+    from ..sandbox.process import ProcessSession
+    from ..sandbox.sandbox import Sandbox, Share
+    from .console import HostConsole
+    from .process_spec import agent_container_id, process_args, vm_size
+    from .spec import load_bundle
+
+    store = StateStore(args.root)
+    state = store.load(args.id)
+    _, config, rootfs = load_bundle(state.bundle)
+    process = config["process"]
+    memory, cpus = vm_size(config)
+    console = HostConsole() if process.get("terminal") else None
+    sandbox = Sandbox(ensure_image(progress=False), memory_mib=memory, cpus=cpus,
+                      shares=[Share("rootfs", rootfs, readonly=bool(config["root"].get("readonly")))],
+                      qmp_socket=True, name=f"kata-py-{args.id[:40]}")
+    try:
+        await sandbox.start()
+        cid = agent_container_id(args.id)
+        await sandbox.agent.request("create_container", {
+            "container_id": cid, "mount_tag": "rootfs", "readonly": bool(config["root"].get("readonly")),
+            "hostname": config.get("hostname", "")})
+        spec = process_args(process)
+        if console is not None:
+            console.send_master(args.console_socket)
+            console.take_controlling_terminal()
+            rows, cols = console.size()
+            spec.setdefault("rows", rows)
+            spec.setdefault("cols", cols)
+        session = ProcessSession(sandbox, spec["argv"], env=spec["env"], cwd=spec["cwd"], user=spec["user"],
+                                 rows=spec.get("rows", 0), cols=spec.get("cols", 0), container_id=cid, init=True,
+                                 process_id="init", **_stdio_fds(console))
+        await session.create()
+        guest_pid = await session.prepare()
+        report.send("ok", {"run_dir": str(sandbox.run_dir), "vsock": {"uds": str(sandbox.transport.uds_path)},
+                           "init_process": session.process_id, "guest_pid": guest_pid})
+        if console is not None:
+            await _watch_winsize(console, session)
+        session.forward_signals()
+        status = await session.relay_and_wait()
+    except BaseException as exc:
+        report.send("error", str(exc) if isinstance(exc, KataError) else repr(exc))
+        await sandbox.stop()
+        raise
+    await sandbox.stop()
+    _record_exit(store, args.id, status)
+    return status
+
+
+def _record_exit(store: StateStore, container_id: str, status: int) -> None:
+    try:
+        with store.lock(container_id):
+            state = store.load(container_id)
+            state.status = Status.STOPPED.value
+            state.exit_status = status
+            store.save(state)
+    except KataError as exc:  # deleted under us: nothing left to record
+        log.debug("recording exit: %s", exc)
+
+
+async def run_exec(args, report: StatusPipe) -> int:
+    """One more process in a running container (`exec --detach`)."""
+    from .exec_process import exec_in_container
+
+    spec = json.loads(Path(args.process_json).read_text())
+    os.unlink(args.process_json)
+    return await exec_in_container(StateStore(args.root), args.id, spec, args.console_socket, report)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="kata-py-monitor")
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--id", required=True)
+    parser.add_argument("--status-fd", type=int, required=True)
+    parser.add_argument("--console-socket")
+    parser.add_argument("--log")
+    parser.add_argument("--exec-process-json", dest="process_json")
+    args = parser.parse_args(argv)
+    if args.log:
+        logging.basicConfig(filename=args.log, level=logging.INFO,
+                            format="%(asctime)s monitor %(levelname)s %(message)s")
+    report = StatusPipe(args.status_fd)
+    try:
+        runner = run_exec if args.process_json else run_container
+        status = asyncio.run(runner(args, report))
+    except KataError as exc:
+        log.error("%s", exc)
+        report.send("error", str(exc))
+        sys.exit(1)
+    except BaseException as exc:
+        log.exception("monitor failed")
+        report.send("error", repr(exc))
+        sys.exit(1)
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()
