@@ -8,7 +8,9 @@ cd "$(dirname "$0")/.."
 PACKAGES=(
   qemu-system-x86       # the VMM
   python3 python3-venv  # host runtime (Debian 12: Python 3.11)
-  lz4                   # unpacking the Debian kernel's lz4 payload into a PVH vmlinux
+  lz4                   # guest initramfs compression
+  busybox-static        # test bundles (a rootfs built locally; no registry)
+  golang-github-opencontainers-specs-dev  # the official OCI runtime-spec JSON schemas
   ca-certificates
 )
 

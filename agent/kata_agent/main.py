@@ -21,6 +21,7 @@ BOOT_MODULES = ("vmw_vsock_virtio_transport.ko", "virtio_mmio.ko", "virtio_pci.k
 
 def main() -> None:
     pid1 = Pid1()
+    log("started")
     if os.getpid() == 1:
         pid1.mount_all(BASE_MOUNTS)
         # The kernel already shields init from signals it has no handler for.
@@ -30,6 +31,7 @@ def main() -> None:
     modules = pid1.module_paths()
     split = max((i + 1 for i, path in enumerate(modules) if path.endswith(BOOT_MODULES)), default=len(modules))
     pid1.load_modules(modules[:split])
+    log(f"loaded {split} boot modules")
 
     table = ProcessTable()
     modules_ready = threading.Event()
@@ -40,6 +42,7 @@ def main() -> None:
     def late_setup() -> None:
         pid1.load_modules(modules[split:])
         modules_ready.set()
+        log(f"loaded {len(modules) - split} more modules")
 
     threading.Thread(target=late_setup, daemon=True).start()
     threading.Thread(target=table.reap_forever, daemon=True).start()

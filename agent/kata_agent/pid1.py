@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 from .syscalls import MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RELATIME, RB_AUTOBOOT, Syscalls
 
@@ -24,7 +25,8 @@ BASE_MOUNTS = [
 def log(message: str) -> None:
     """Agent messages go to the console (the host keeps it as the VM's console log)."""
     try:
-        sys.stderr.write(f"kata-agent: {message}\n")
+        # Guest uptime in the prefix lines up with the kernel's own timestamps.
+        sys.stderr.write(f"kata-agent[{time.monotonic():.3f}]: {message}\n")
         sys.stderr.flush()
     except OSError:
         pass
