@@ -90,13 +90,15 @@ class QemuMachine:
             exited = asyncio.ensure_future(self.process.wait())
             done, _ = await asyncio.wait({connect, exited}, timeout=QMP_GREETING_TIMEOUT,
                                          return_when=asyncio.FIRST_COMPLETED)
-            if connect not in done:
+            if connect not in done or connect.exception() is not None:
                 connect.cancel()
                 await asyncio.gather(connect, return_exceptions=True)
-                reason = "QEMU exited during start-up" if exited in done else "QEMU did not answer on QMP"
+                # A QEMU that dies at start-up closes QMP first; give it a moment
+                # to exit so the error carries its status and its last words.
+                await asyncio.wait({exited}, timeout=5)
+                reason = "QEMU exited during start-up" if exited.done() else "QEMU did not answer on QMP"
                 raise self._launch_error(reason)
             exited.cancel()
-            connect.result()
             self.state = VMState.RUNNING
         except BaseException:
             ours.close()
