@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 from ..errors import ConfigError
@@ -26,7 +27,10 @@ def add_parser(sub) -> None:
     parser.add_argument("--apparmor")
     parser.add_argument("--ignore-paused", action="store_true")
     add_id(parser)
-    parser.add_argument("command", nargs="*")
+    # Everything after the id is the command, options included (`exec ID sh -c
+    # ...`), as runc's flag parsing stops at the first positional. Its own dest:
+    # "command" is the top-level parser's subcommand name.
+    parser.add_argument("argv", nargs=argparse.REMAINDER, metavar="COMMAND")
     parser.set_defaults(func=cmd_exec)
 
 
@@ -40,9 +44,9 @@ def process_spec(args) -> dict:
         if not isinstance(spec, dict) or not spec.get("args"):
             raise ConfigError(f"--process {args.process}: an OCI process object with args is required")
     else:
-        if not args.command:
+        if not args.argv:
             raise ConfigError("exec needs a command (or --process)")
-        spec = {"args": args.command, "cwd": "/", "env": [
+        spec = {"args": args.argv, "cwd": "/", "env": [
             "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]}
     if args.tty:
         spec["terminal"] = True
