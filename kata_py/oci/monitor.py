@@ -114,13 +114,17 @@ async def run_container(args, report: StatusPipe) -> int:
 
 
 def _record_exit(store: StateStore, container_id: str, status: int) -> None:
+    # Not waiting for the lock: its holder may be `delete`, which waits for
+    # this process to exit (a blocking lock here would stall it until it kills
+    # us). Skipping the record loses nothing the status needs: a container
+    # whose monitor is gone reads as stopped anyway.
     try:
-        with store.lock(container_id):
+        with store.lock(container_id, wait=False):
             state = store.load(container_id)
             state.status = Status.STOPPED.value
             state.exit_status = status
             store.save(state)
-    except KataError as exc:  # deleted under us: nothing left to record
+    except KataError as exc:  # deleted or being deleted: nothing left to record
         log.debug("recording exit: %s", exc)
 
 

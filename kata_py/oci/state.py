@@ -37,6 +37,12 @@ class ContainerExists(KataError):
         super().__init__(f"container {container_id!r} already exists")
 
 
+class ContainerBusy(KataError):
+    def __init__(self, container_id: str) -> None:
+        self.container_id = container_id
+        super().__init__(f"container {container_id!r} is locked by another operation")
+
+
 class StatusError(KataError):
     """The operation is not allowed in the container's current status."""
 
@@ -159,10 +165,11 @@ class StateStore:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     @contextmanager
-    def lock(self, container_id: str, create: bool = False):
+    def lock(self, container_id: str, create: bool = False, wait: bool = True):
         """Hold the container's flock. With create, make its directory first
         (refusing an existing one); the directory is removed again if the
-        block fails before anything was saved."""
+        block fails before anything was saved. Without wait, a lock held
+        elsewhere raises ContainerBusy."""
         directory = self.dir(container_id)
         made = False
         if create:
@@ -179,7 +186,10 @@ class StateStore:
         except FileNotFoundError:
             raise ContainerNotFound(container_id) from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ContainerBusy(container_id) from None
             yield directory
         except BaseException:
             if made and not (directory / "state.json").exists():
