@@ -30,6 +30,7 @@ check: image
 
 bench: image
 	$(VENV)/bin/python bench/boot.py
+	$(VENV)/bin/python bench/stdio.py
 
 clean:
 	rm -rf $(VENV)
