@@ -49,7 +49,13 @@ def validate_config(config) -> None:
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
     if errors:
         best = jsonschema.exceptions.best_match(errors)
-        raise ConfigError(f"config.json {json_path(best.absolute_path)}: {_short(best.message)}")
+        path, message = list(best.absolute_path), best.message
+        if best.validator == "required" and isinstance(best.instance, dict):
+            # Name the missing member itself, not the object that lacks it.
+            missing = [key for key in best.validator_value if key not in best.instance]
+            if missing:
+                path, message = path + [missing[0]], "required, but missing"
+        raise ConfigError(f"config.json {json_path(path)}: {_short(message)}")
     _semantic_checks(config)
 
 
