@@ -14,7 +14,7 @@ MAX_MEMORY_MIB = 16384
 
 
 def agent_container_id(container_id: str) -> str:
-    """A short id for the agent: OCI ids may be 1024 characters long."""
+    """A short id for the agent: OCI ids may be 255 characters long."""
     return "c-" + hashlib.sha256(container_id.encode()).hexdigest()[:16]
 
 

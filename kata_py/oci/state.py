@@ -21,8 +21,9 @@ from pathlib import Path
 
 from ..errors import ConfigError, KataError
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-MAX_ID = 1024
+# \Z, not $: "$" also matches before a trailing newline, which would let "c1\n" through.
+ID_PATTERN = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.+-]*\Z")
+MAX_ID = 255  # the id is a directory name under --root: NAME_MAX
 
 
 class ContainerNotFound(KataError):
@@ -84,7 +85,9 @@ class Status(enum.Enum):
 def validate_id(container_id: str) -> str:
     if not container_id:
         raise ConfigError("container id must not be empty")
-    if len(container_id) > MAX_ID or not ID_PATTERN.match(container_id) or container_id in (".", ".."):
+    if len(container_id) > MAX_ID:
+        raise ConfigError(f"invalid container id {container_id[:80]!r}...: longer than {MAX_ID} characters")
+    if not ID_PATTERN.match(container_id) or container_id in (".", ".."):
         raise ConfigError(f"invalid container id {container_id[:80]!r}: use letters, digits and _ . + - "
                           "(not starting with a symbol)")
     return container_id
