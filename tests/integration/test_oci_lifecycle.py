@@ -1,0 +1,376 @@
+"""The runc-compatible CLI end to end: create/start/state/kill/delete, run, exec,
+pause/resume, bad input, and that nothing is left behind.
+
+Every container boots its own QEMU guest (seconds under TCG), so one running
+container is shared by the checks that can share it. The test process makes
+itself a child subreaper, as conmon and containerd's shim are: the monitor that
+`create` leaves behind is then re-parented to us, and its exit status (the
+container's, by contract) can be read with waitpid.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.bundles import make_bundle
+from tests.conftest import KATA, RUN_DIR, qemu_processes_under
+
+pytestmark = pytest.mark.vm
+
+PR_SET_CHILD_SUBREAPER = 36
+MONITOR = b"kata_py.oci.monitor"
+
+
+def cli(root: Path, *args, input: bytes | None = None, stdin=None, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`kata-py --root ROOT ARGS...`. A create or a detached run hands its stdio
+    to the container's monitor, so give those files, not pipes we wait on."""
+    if input is None and stdin is None:
+        stdin = subprocess.DEVNULL
+    return subprocess.run(KATA + ["--root", str(root), *map(str, args)], input=input, stdin=stdin,
+                          stdout=stdout, stderr=stderr, timeout=timeout)
+
+
+def detached(root: Path, logs: Path, *args) -> subprocess.CompletedProcess:
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / "stdout", "ab") as out, open(logs / "stderr", "ab") as err:
+        result = cli(root, *args, stdout=out, stderr=err)
+    result.stdout = (logs / "stdout").read_bytes()
+    result.stderr = (logs / "stderr").read_bytes()
+    return result
+
+
+def state_of(root: Path, container_id: str) -> dict:
+    result = cli(root, "state", container_id)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def wait_status(root: Path, container_id: str, status: str, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        state = state_of(root, container_id)
+        if state["status"] == status or time.monotonic() > deadline:
+            assert state["status"] == status, state
+            return state
+        time.sleep(0.2)
+
+
+def one_error_line(result: subprocess.CompletedProcess, *needles: str) -> str:
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1, lines
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def is_live_monitor(pid: int) -> bool:
+    return MONITOR in cmdline(pid)
+
+
+def monitors_under(root: Path) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            line = cmdline(int(proc.name))
+            if MONITOR in line and str(root).encode() in line.split(b"\0"):
+                found.append(int(proc.name))
+    return found
+
+
+def reap(pid: int, timeout: float = 30) -> int:
+    """The exit status of a process re-parented to us (we are a subreaper)."""
+    parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    assert parent == os.getpid(), f"{pid} is not our child (parent {parent}): not re-parented to the subreaper"
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        assert time.monotonic() < deadline, f"process {pid} did not exit within {timeout} s"
+        time.sleep(0.05)
+
+
+def assert_nothing_left(root: Path) -> None:
+    entries = sorted(p.name for p in root.iterdir()) if root.exists() else []
+    assert entries == [], f"left under --root: {entries}"
+    assert monitors_under(root) == []
+    assert qemu_processes_under(RUN_DIR) == []
+    sandboxes = sorted(p.name for p in RUN_DIR.iterdir()) if RUN_DIR.exists() else []
+    assert sandboxes == [], f"left in the run directory: {sandboxes}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def subreaper(image):
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    yield
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+    # Orphans re-parented to us that no test waited for (a killed monitor's
+    # helpers): no zombies left behind. Every subprocess.run has finished.
+    while True:
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                time.sleep(0.2)
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    break
+        except ChildProcessError:
+            break
+
+
+TRAP_LOOP = ("touch /started; trap 'echo got-term; exit 7' TERM; echo ready; "
+             "while :; do sleep 1 & wait $!; done")
+
+
+def test_lifecycle(tmp_path):
+    root, bundle = tmp_path / "root", make_bundle(tmp_path / "bundle", ["sh", "-c", TRAP_LOOP])
+    pid_file = tmp_path / "container.pid"
+    logs = tmp_path / "io"
+
+    result = detached(root, logs, "create", "--bundle", bundle, "--pid-file", pid_file, "c1")
+    assert result.returncode == 0, result.stderr
+    state = state_of(root, "c1")
+    assert state["status"] == "created" and state["id"] == "c1"
+    assert state["bundle"] == str(bundle.resolve()) and state["rootfs"] == str((bundle / "rootfs").resolve())
+    pid = int(pid_file.read_text())
+    assert state["pid"] == pid and is_live_monitor(pid)
+    assert not list(tmp_path.glob(".kata-py-pid*"))
+    # Held at the barrier: set up, but its program has not run yet.
+    time.sleep(0.5)
+    assert not (bundle / "rootfs" / "started").exists()
+    listed = json.loads(cli(root, "list", "--format", "json").stdout)
+    assert [(s["id"], s["status"], s["pid"]) for s in listed] == [("c1", "created", pid)]
+
+    result = cli(root, "start", "c1")
+    assert result.returncode == 0, result.stderr
+    assert state_of(root, "c1")["status"] == "running"
+    deadline = time.monotonic() + 20
+    while not (bundle / "rootfs" / "started").exists():
+        assert time.monotonic() < deadline, "the container's process never ran"
+        time.sleep(0.1)
+
+    # Operations the status does not allow are refused, and change nothing.
+    one_error_line(cli(root, "start", "c1"), "cannot start", "running")
+    one_error_line(cli(root, "delete", "c1"), "cannot delete", "running")
+    one_error_line(cli(root, "resume", "c1"), "cannot resume", "running")
+    assert state_of(root, "c1")["status"] == "running" and is_live_monitor(pid)
+
+    result = cli(root, "kill", "c1", "TERM")
+    assert result.returncode == 0, result.stderr
+    state = wait_status(root, "c1", "stopped")
+    assert state["pid"] == 0
+    # The monitor exits with the container's status: the trap's `exit 7`.
+    assert reap(pid) == 7
+    assert b"got-term" in (logs / "stdout").read_bytes()
+    one_error_line(cli(root, "kill", "c1", "KILL"), "cannot kill", "stopped")
+
+    result = cli(root, "delete", "c1")
+    assert result.returncode == 0, result.stderr
+    one_error_line(cli(root, "state", "c1"), "does not exist")
+    assert_nothing_left(root)
+
+
+@pytest.mark.parametrize("script,status,output", [
+    ("true", 0, b""),
+    ("echo hi; exit 3", 3, b"hi\n"),
+    ("kill -9 $$", 137, b""),
+])
+def test_run_exit_status(tmp_path, script, status, output):
+    root, bundle = tmp_path / "root", make_bundle(tmp_path / "bundle", ["sh", "-c", script])
+    result = cli(root, "run", "--bundle", bundle, "r1")
+    assert (result.returncode, result.stdout) == (status, output), result.stderr
+    assert_nothing_left(root)
+
+
+def test_bad_input(tmp_path):
+    root = tmp_path / "root"
+    bundle = make_bundle(tmp_path / "bundle", ["true"])
+    config = json.loads((bundle / "config.json").read_text())
+
+    def with_config(mutate) -> Path:
+        changed = json.loads(json.dumps(config))
+        mutate(changed)
+        (bundle / "config.json").write_text(json.dumps(changed))
+        return bundle
+
+    for mutate, json_path in ((lambda c: c["root"].pop("path"), "/root/path"),
+                              (lambda c: c["process"].update(args="true"), "/process/args"),
+                              (lambda c: c["process"]["user"].update(uid="0"), "/process/user/uid")):
+        with_config(mutate)
+        for command in ("create", "run"):
+            one_error_line(cli(root, command, "--bundle", bundle, "b1"), f"config.json {json_path}:")
+            assert_nothing_left(root)
+    (bundle / "config.json").write_text("{\n  \"ociVersion\": \"1.0.2\",\n")
+    one_error_line(cli(root, "create", "--bundle", bundle, "b1"), "invalid JSON at line 3")
+    with_config(lambda c: c["process"].update(terminal=True))
+    one_error_line(cli(root, "create", "--bundle", bundle, "b1"), "--console-socket")
+    with_config(lambda c: None)
+    one_error_line(cli(root, "create", "--bundle", bundle, "--preserve-fds", "1", "b1"), "--preserve-fds")
+    one_error_line(cli(root, "create", "--bundle", tmp_path / "nowhere", "b1"), "no such file")
+    for bad_id in ("../escape", "a/b", "x" * 256):
+        one_error_line(cli(root, "create", "--bundle", bundle, bad_id), "invalid container id")
+    assert_nothing_left(root)
+
+    for args in (["state"], ["start"], ["kill"], ["kill", "-a"], ["delete"], ["delete", "--force"], ["pause"],
+                 ["resume"]):
+        one_error_line(cli(root, *args, "nope"), "'nope' does not exist")
+    one_error_line(cli(root, "exec", "nope", "true"), "'nope' does not exist")
+    one_error_line(cli(root, "kill", "nope", "NOSUCHSIGNAL"), "invalid signal")
+    assert_nothing_left(root)
+
+    # containerd's runc shim reads the last JSON error line of --log.
+    log = tmp_path / "log.json"
+    result = cli(root, "--log", log, "--log-format", "json", "state", "nope")
+    one_error_line(result, "does not exist")
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert records and records[-1]["level"] == "error" and "'nope' does not exist" in records[-1]["msg"]
+    assert "time" in records[-1]
+    assert_nothing_left(root)
+
+
+def test_duplicate_id_and_force_delete(tmp_path):
+    root, bundle = tmp_path / "root", make_bundle(tmp_path / "bundle", ["sleep", "1000"])
+    other = make_bundle(tmp_path / "other", ["true"])
+    result = detached(root, tmp_path / "io", "create", "--bundle", bundle, "d1")
+    assert result.returncode == 0, result.stderr
+    first = json.loads((root / "d1" / "state.json").read_text())
+
+    # A second container with the same id is refused and the first is untouched.
+    one_error_line(detached(root, tmp_path / "io2", "create", "--bundle", other, "d1"), "already exists")
+    one_error_line(detached(root, tmp_path / "io3", "run", "--bundle", other, "d1"), "already exists")
+    state = state_of(root, "d1")
+    assert (state["status"], state["pid"], state["bundle"]) == ("created", first["pid"], str(bundle.resolve()))
+    assert is_live_monitor(first["pid"])
+
+    assert cli(root, "start", "d1").returncode == 0
+    assert state_of(root, "d1")["status"] == "running"
+    run_dir = Path(first["run_dir"])
+    assert run_dir.is_dir() and any(run_dir.glob("*.sock"))
+    assert qemu_processes_under(RUN_DIR)
+
+    started = time.monotonic()
+    result = cli(root, "delete", "--force", "d1")
+    assert result.returncode == 0, result.stderr
+    # The monitor must not be left waiting for delete's lock until delete kills it.
+    assert time.monotonic() - started < 10
+    assert not is_live_monitor(first["pid"])
+    assert reap(first["pid"]) == 137  # killed by SIGKILL inside the guest
+    assert not run_dir.exists()
+    one_error_line(cli(root, "state", "d1"), "does not exist")
+    assert_nothing_left(root)
+
+
+# -- one running container shared by the checks below (they run in file order)
+
+
+@pytest.fixture(scope="module")
+def box(tmp_path_factory):
+    base = tmp_path_factory.mktemp("box")
+    root, bundle = base / "root", make_bundle(base / "bundle", ["sh", "-c", "echo started; exec sleep 1000"])
+    pid_file = base / "pid"
+    result = detached(root, base / "io", "run", "--detach", "--bundle", bundle, "--pid-file", pid_file, "box")
+    assert result.returncode == 0, result.stderr
+    box = {"root": root, "bundle": bundle, "pid": int(pid_file.read_text()), "base": base,
+           "state": json.loads((root / "box" / "state.json").read_text())}
+    yield box
+    if (root / "box").exists():
+        cli(root, "delete", "--force", "box")
+    assert_nothing_left(root)
+
+
+def test_box_runs(box):
+    state = wait_status(box["root"], "box", "running")
+    assert state["pid"] == box["pid"] and is_live_monitor(box["pid"])
+    assert (box["base"] / "io" / "stdout").read_bytes() == b"started\n"
+
+
+def test_the_guest_kernel_is_not_the_hosts(box, image):
+    result = cli(box["root"], "exec", "box", "uname", "-r")
+    assert result.returncode == 0, result.stderr
+    release = result.stdout.decode().strip()
+    assert release == image.kernel_release and release != os.uname().release
+
+
+def test_files_cross_the_rootfs_share_both_ways(box):
+    rootfs = box["bundle"] / "rootfs"
+    (rootfs / "tmp" / "from-host").write_text("written on the host\n")
+    result = cli(box["root"], "exec", "box", "sh", "-c",
+                 "cat /tmp/from-host && echo written in the guest > /tmp/from-guest && hostname")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"written on the host\nkata-test\n"
+    assert (rootfs / "tmp" / "from-guest").read_text() == "written in the guest\n"
+
+
+def test_exec_attached(box):
+    result = cli(box["root"], "exec", "box", "sh", "-c", "echo out; echo err >&2; exit 4")
+    assert (result.returncode, result.stdout, result.stderr) == (4, b"out\n", b"err\n")
+    result = cli(box["root"], "exec", "box", "cat", input=b"through stdin\n")
+    assert (result.returncode, result.stdout) == (0, b"through stdin\n"), result.stderr
+    result = cli(box["root"], "exec", "--env", "A=b", "--cwd", "/tmp", "box", "sh", "-c", 'echo "$A $PWD"')
+    assert result.stdout == b"b /tmp\n", result.stderr
+    one_error_line(cli(box["root"], "exec", "box", "/no/such/program"), "no/such/program")
+
+
+def test_exec_detached(box, tmp_path):
+    pid_file = tmp_path / "exec.pid"
+    started = time.monotonic()
+    result = detached(box["root"], tmp_path / "io", "exec", "--detach", "--pid-file", pid_file, "box",
+                      "sh", "-c", "sleep 2; echo done > /tmp/exec-done; exit 5")
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 10  # it returns once the process runs, not when it ends
+    pid = int(pid_file.read_text())
+    assert is_live_monitor(pid)
+    assert not (box["bundle"] / "rootfs" / "tmp" / "exec-done").exists()
+    assert reap(pid) == 5
+    assert (box["bundle"] / "rootfs" / "tmp" / "exec-done").read_text() == "done\n"
+    assert not list((box["root"] / "box").glob("exec-*"))  # its process.json is gone
+    assert state_of(box["root"], "box")["status"] == "running"
+
+
+def test_exec_process_json(box, tmp_path):
+    process = {"terminal": False, "user": {"uid": 65534, "gid": 65534}, "cwd": "/tmp",
+               "args": ["sh", "-c", 'echo "$GREETING $(id -u):$(id -g) $PWD"; exit 9'],
+               "env": ["PATH=/bin", "GREETING=hello"]}
+    (tmp_path / "process.json").write_text(json.dumps(process))
+    result = cli(box["root"], "exec", "--process", tmp_path / "process.json", "box")
+    assert (result.returncode, result.stdout) == (9, b"hello 65534:65534 /tmp\n"), result.stderr
+
+
+def test_pause_resume_then_force_delete_while_paused(box):
+    root = box["root"]
+    assert cli(root, "pause", "box").returncode == 0
+    assert state_of(root, "box")["status"] == "paused"
+    one_error_line(cli(root, "exec", "box", "true"), "paused")
+    one_error_line(cli(root, "pause", "box"), "cannot pause", "paused")
+    assert cli(root, "resume", "box").returncode == 0
+    assert state_of(root, "box")["status"] == "running"
+    result = cli(root, "exec", "box", "echo", "alive")
+    assert (result.returncode, result.stdout) == (0, b"alive\n"), result.stderr
+
+    assert cli(root, "pause", "box").returncode == 0
+    one_error_line(cli(root, "delete", "box"), "cannot delete", "paused")
+    run_dir = Path(box["state"]["run_dir"])
+    assert run_dir.is_dir()
+    started = time.monotonic()
+    result = cli(root, "delete", "--force", "box")
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 10
+    assert not is_live_monitor(box["pid"]) and not run_dir.exists()
+    reap(box["pid"])
+    one_error_line(cli(root, "state", "box"), "does not exist")
+    assert_nothing_left(root)
