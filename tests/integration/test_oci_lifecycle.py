@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from kata_py.oci.state import StateStore
 from tests.bundles import make_bundle
 from tests.conftest import KATA, RUN_DIR, qemu_processes_under
 
@@ -131,6 +132,15 @@ def subreaper(image):
                     break
         except ChildProcessError:
             break
+
+
+@pytest.fixture(autouse=True)
+def force_delete_leftovers(tmp_path):
+    """A test that fails half-way must not leave its container's VM running."""
+    yield
+    root = tmp_path / "root"
+    for container_id in StateStore(root).list_ids():
+        cli(root, "delete", "--force", container_id)
 
 
 TRAP_LOOP = ("touch /started; trap 'echo got-term; exit 7' TERM; echo ready; "
