@@ -47,6 +47,14 @@ class LoopThread:
         self.thread.join(5)
 
 
+def pytest_sessionfinish(session, exitstatus):
+    # The run directory is this session's own; empty once every VM is gone.
+    try:
+        RUN_DIR.rmdir()
+    except OSError:
+        pass
+
+
 @pytest.fixture(scope="session")
 def loop_thread():
     lt = LoopThread()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import array
 import fcntl
 import os
+import signal
 import socket
 import struct
 import termios
@@ -47,6 +48,27 @@ class HostConsole:
     def size(self) -> tuple[int, int]:
         rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(self.slave, termios.TIOCGWINSZ, b"\0" * 8))
         return rows, cols
+
+    def attach_session(self, session) -> None:
+        """Pass this terminal's size to the guest process now and on every
+        SIGWINCH. Resizes are only seen by a session leader without a terminal
+        (the monitors); elsewhere the size is passed once."""
+        import asyncio
+        import logging
+
+        from ..errors import KataError
+
+        async def resize() -> None:
+            try:
+                await session.resize(*self.size())
+            except KataError as exc:
+                logging.getLogger(__name__).debug("resize: %s", exc)
+
+        try:
+            self.take_controlling_terminal()
+        except OSError:
+            return
+        asyncio.get_running_loop().add_signal_handler(signal.SIGWINCH, lambda: asyncio.ensure_future(resize()))
 
     def close(self) -> None:
         for fd in (self.master, self.slave):

@@ -59,6 +59,9 @@ async def exec_in_container(store: StateStore, container_id: str, spec: dict, co
                  if console else {"stdin_fd": 0, "stdout_fd": 1, "stderr_fd": 2})
         if console is not None:
             console.send_master(console_socket)
+            rows, cols = console.size()
+            args.setdefault("rows", rows)
+            args.setdefault("cols", cols)
         session = ProcessSession(handle, args["argv"], env=args["env"], cwd=args["cwd"], user=args["user"],
                                  rows=args.get("rows", 0), cols=args.get("cols", 0),
                                  container_id=agent_container_id(container_id), **stdio)
@@ -66,6 +69,8 @@ async def exec_in_container(store: StateStore, container_id: str, spec: dict, co
         await session.start()
         if report is not None:
             report.send("ok", {"process": session.process_id, "guest_pid": session.pid})
+        if console is not None:
+            console.attach_session(session)
         session.forward_signals()
         return await session.relay_and_wait()
     finally:

@@ -19,7 +19,6 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -50,19 +49,6 @@ def _stdio_fds(console) -> dict:
     return {"stdin_fd": 0, "stdout_fd": 1, "stderr_fd": 2}
 
 
-async def _watch_winsize(console, session) -> None:
-    """SIGWINCH on the host pty -> resize the guest pty."""
-    loop = asyncio.get_running_loop()
-
-    async def resize() -> None:
-        try:
-            await session.resize(*console.size())
-        except KataError as exc:
-            log.debug("resize: %s", exc)
-
-    loop.add_signal_handler(signal.SIGWINCH, lambda: asyncio.ensure_future(resize()))
-
-
 async def run_container(args, report: StatusPipe) -> int:
     from ..image import ensure_image
     from ..sandbox.process import ProcessSession
@@ -89,7 +75,6 @@ async def run_container(args, report: StatusPipe) -> int:
         spec = process_args(process)
         if console is not None:
             console.send_master(args.console_socket)
-            console.take_controlling_terminal()
             rows, cols = console.size()
             spec.setdefault("rows", rows)
             spec.setdefault("cols", cols)
@@ -101,7 +86,7 @@ async def run_container(args, report: StatusPipe) -> int:
         report.send("ok", {"run_dir": str(sandbox.run_dir), "vsock": {"uds": str(sandbox.transport.uds_path)},
                            "init_process": session.process_id, "guest_pid": guest_pid})
         if console is not None:
-            await _watch_winsize(console, session)
+            console.attach_session(session)
         session.forward_signals()
         status = await session.relay_and_wait()
     except BaseException as exc:

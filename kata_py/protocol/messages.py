@@ -19,7 +19,7 @@ MAX_ARGV = 4096
 MAX_ENV = 4096
 MAX_STRING = 128 * 1024
 MAX_ID = 256
-PROCESS_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"
+PROCESS_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]*\Z"  # \Z: "$" would let a trailing newline in
 
 STREAMS = ("stdin", "stdout", "stderr")
 
