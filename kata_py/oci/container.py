@@ -22,7 +22,8 @@ from ..errors import ConfigError, KataError
 from .exec_process import connect
 from .hooks import run_hooks
 from .spec import load_bundle
-from .state import ContainerState, StateStore, Status, StatusError, process_start_time, validate_id
+from .state import (ContainerNotFound, ContainerState, StateStore, Status, StatusError, process_start_time,
+                    validate_id)
 
 CREATE_TIMEOUT = 600.0      # a first create may build the guest image
 MONITOR_EXIT_TIMEOUT = 15.0
@@ -202,6 +203,18 @@ def _wait_monitor_exit(state: ContainerState, timeout: float) -> bool:
 
 
 def delete(store: StateStore, container_id: str, force: bool = False) -> None:
+    try:
+        _delete(store, container_id, force)
+    except ContainerNotFound:
+        # As runc: a directory left by an aborted create goes; and with --force
+        # a container that is already gone is not an error (containerd's shim
+        # cleans up with `delete --force` after the fact).
+        store.remove(container_id)
+        if not force:
+            raise
+
+
+def _delete(store: StateStore, container_id: str, force: bool) -> None:
     with store.lock(container_id):
         state = store.load(container_id)
         status = state.live_status()
