@@ -11,6 +11,8 @@ PACKAGES=(
   lz4                   # guest initramfs compression
   busybox-static        # test bundles (a rootfs built locally; no registry)
   golang-github-opencontainers-specs-dev  # the official OCI runtime-spec JSON schemas
+  podman conmon containerd                # the engines the end-to-end tests drive kata-py with
+  runc crun                               # peers for side-by-side benchmarks
   ca-certificates
 )
 
@@ -38,4 +40,9 @@ if [ ! -e "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q -e '.[test]'
   rm -f "$VENV"/.installed-*
   touch "$stamp"
+fi
+
+# `kata-py` on PATH for engines' configs (contrib/): a link to this checkout's venv.
+if [ ! -e /usr/local/bin/kata-py ] || [ -L /usr/local/bin/kata-py ]; then
+  ln -sfn "$PWD/$VENV/bin/kata-py" /usr/local/bin/kata-py
 fi

@@ -22,7 +22,7 @@ from ..errors import ConfigError, KataError
 from .exec_process import connect
 from .hooks import run_hooks
 from .spec import load_bundle
-from .state import (ContainerNotFound, ContainerState, StateStore, Status, StatusError, process_start_time,
+from .state import (ContainerNotFound, ContainerState, StateStore, Status, process_start_time,
                     validate_id)
 
 CREATE_TIMEOUT = 600.0      # a first create may build the guest image
@@ -145,11 +145,8 @@ def create(store: StateStore, container_id: str, bundle: str, pid_file: str | No
 
 
 def start(store: StateStore, container_id: str) -> None:
-    with store.lock(container_id):
-        state = store.load(container_id)
-        status = state.live_status()
-        if not status.can_start():
-            raise StatusError(container_id, "start", status)
+    with store.locked(container_id) as state:
+        state.require("start", Status.can_start)
         asyncio.run(_agent_call(state, "start_process", {"process_id": state.init_process}))
         state.status = Status.RUNNING.value
         store.save(state)
@@ -181,9 +178,7 @@ def parse_signal(text: str) -> int:
 
 def kill(store: StateStore, container_id: str, signum: int, all_processes: bool = False) -> None:
     state = store.load(container_id)
-    status = state.live_status()
-    if not status.can_kill():
-        raise StatusError(container_id, "kill", status)
+    status = state.require("kill", Status.can_kill)
     if status is Status.PAUSED:
         # A paused VM cannot deliver a signal; let it run for that (runc, too,
         # delivers a SIGKILL to a frozen container once thawed).
@@ -215,11 +210,8 @@ def delete(store: StateStore, container_id: str, force: bool = False) -> None:
 
 
 def _delete(store: StateStore, container_id: str, force: bool) -> None:
-    with store.lock(container_id):
-        state = store.load(container_id)
-        status = state.live_status()
-        if not (status.can_delete() or force):
-            raise StatusError(container_id, "delete", status)
+    with store.locked(container_id) as state:
+        status = state.require("delete", lambda status: force or status.can_delete())
         if status is not Status.STOPPED:
             try:
                 if status is Status.PAUSED:
@@ -262,22 +254,16 @@ def resume_vm(state: ContainerState) -> None:
 
 
 def pause(store: StateStore, container_id: str) -> None:
-    with store.lock(container_id):
-        state = store.load(container_id)
-        status = state.live_status()
-        if not status.can_pause():
-            raise StatusError(container_id, "pause", status)
+    with store.locked(container_id) as state:
+        state.require("pause", Status.can_pause)
         _qmp(state, "stop")  # the whole VM stops: the container is frozen with it
         state.status = Status.PAUSED.value
         store.save(state)
 
 
 def resume(store: StateStore, container_id: str) -> None:
-    with store.lock(container_id):
-        state = store.load(container_id)
-        status = state.live_status()
-        if not status.can_resume():
-            raise StatusError(container_id, "resume", status)
+    with store.locked(container_id) as state:
+        state.require("resume", Status.can_resume)
         resume_vm(state)
         state.status = Status.RUNNING.value
         store.save(state)
@@ -285,10 +271,7 @@ def resume(store: StateStore, container_id: str) -> None:
 
 def exec_detached(store: StateStore, container_id: str, spec: dict, pid_file: str | None,
                   console_socket: str | None, log_file: str | None) -> int:
-    state = store.load(container_id)
-    status = state.live_status()
-    if not status.can_exec():
-        raise StatusError(container_id, "exec in", status)
+    store.load(container_id).require("exec in", Status.can_exec)
     fd, process_json = tempfile.mkstemp(dir=store.dir(container_id), prefix="exec-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(spec, f)

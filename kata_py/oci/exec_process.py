@@ -15,7 +15,7 @@ from ..errors import KataError
 from ..sandbox.agent_client import AgentClient
 from ..sandbox.process import ProcessSession
 from .process_spec import agent_container_id, process_args
-from .state import ContainerState, StateStore, StatusError
+from .state import ContainerState, StateStore, Status
 
 CONNECT_TIMEOUT = 10.0
 
@@ -42,9 +42,7 @@ async def connect(state: ContainerState) -> SimpleNamespace:
 async def exec_in_container(store: StateStore, container_id: str, spec: dict, console_socket: str | None,
                             report=None) -> int:
     state = store.load(container_id)
-    status = state.live_status()
-    if not status.can_exec():
-        raise StatusError(container_id, "exec in", status)
+    state.require("exec in", Status.can_exec)
     handle = await connect(state)
     console = None
     try:

@@ -147,6 +147,13 @@ class ContainerState:
             return Status.CREATING if pid_alive(self.pid, self.pid_start_time) or not self.pid else Status.STOPPED
         return status if pid_alive(self.pid, self.pid_start_time) else Status.STOPPED
 
+    def require(self, operation: str, allowed) -> Status:
+        """The live status, if `allowed(status)` (a Status rule); else StatusError."""
+        status = self.live_status()
+        if not allowed(status):
+            raise StatusError(self.id, operation, status)
+        return status
+
     def oci_state(self) -> dict:
         status = self.live_status()
         state = {"ociVersion": "1.0.2", "id": self.id, "status": status.value,
@@ -200,6 +207,12 @@ class StateStore:
             raise
         finally:
             os.close(fd)
+
+    @contextmanager
+    def locked(self, container_id: str):
+        """The container's state, loaded under its lock."""
+        with self.lock(container_id):
+            yield self.load(container_id)
 
     def load(self, container_id: str) -> ContainerState:
         path = self.dir(container_id) / "state.json"
