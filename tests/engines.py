@@ -35,6 +35,7 @@ def image_tar(directory: Path) -> Path:
 
 class Podman:
     def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
         self.conf = directory / "containers.conf"
         self.conf.write_text(
