@@ -66,6 +66,35 @@ class Containers:
             self.by_id[container_id] = container
         return container
 
+    def processes(self, container: Container) -> list[dict]:
+        """Guest processes in the container: those in its init's mount namespace."""
+        if container.init_pid is None:
+            return []
+        try:
+            ns = os.readlink(f"/proc/{container.init_pid}/ns/mnt")
+        except OSError:
+            return []
+        found = []
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                if os.readlink(f"/proc/{name}/ns/mnt") != ns:
+                    continue
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    cmd = f.read(4096).replace(b"\0", b" ").strip().decode(errors="replace")
+            except OSError:
+                continue  # exited while we looked
+            found.append({"pid": int(name), "cmd": cmd[:4096]})
+        return found
+
+    def signal_all(self, container: Container, signum: int) -> None:
+        for proc in self.processes(container):
+            try:
+                os.kill(proc["pid"], signum)
+            except ProcessLookupError:
+                pass
+
     def init_setup(self, container: Container):
         """Set-up for the container's first process (runs in the child)."""
         sys_ = self.sys

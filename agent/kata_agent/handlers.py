@@ -63,6 +63,15 @@ class Handlers:
                                   args.get("hostname", ""))
         return {}
 
+    def rpc_list_processes(self, args: dict) -> dict:
+        containers = self._containers()
+        return {"processes": containers.processes(containers.get(args["container_id"]))}
+
+    def rpc_signal_container(self, args: dict) -> dict:
+        containers = self._containers()
+        containers.signal_all(containers.get(args["container_id"]), args["signal"])
+        return {}
+
     def rpc_prepare_process(self, args: dict) -> dict:
         return {"pid": self._launch(args["process_id"], self.table.prepare)}
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from ..errors import ConfigError, KataError
 from .exec_process import connect
 from .hooks import run_hooks
+from .process_spec import agent_container_id
 from .spec import load_bundle
 from .state import (ContainerNotFound, ContainerState, StateStore, Status, process_start_time,
                     validate_id)
@@ -183,7 +184,18 @@ def kill(store: StateStore, container_id: str, signum: int, all_processes: bool 
         # A paused VM cannot deliver a signal; let it run for that (runc, too,
         # delivers a SIGKILL to a frozen container once thawed).
         resume_vm(state)
-    asyncio.run(_agent_call(state, "signal_process", {"process_id": state.init_process, "signal": signum}))
+    if all_processes and status is not Status.CREATED:
+        asyncio.run(_agent_call(state, "signal_container", {"container_id": agent_container_id(container_id),
+                                                             "signal": signum}))
+    else:
+        asyncio.run(_agent_call(state, "signal_process", {"process_id": state.init_process, "signal": signum}))
+
+
+def processes(store: StateStore, container_id: str) -> list[dict]:
+    state = store.load(container_id)
+    state.require("list processes of", lambda status: status in (Status.RUNNING, Status.PAUSED, Status.CREATED))
+    reply = asyncio.run(_agent_call(state, "list_processes", {"container_id": agent_container_id(container_id)}))
+    return reply["processes"]
 
 
 def _wait_monitor_exit(state: ContainerState, timeout: float) -> bool:

@@ -87,6 +87,15 @@ REQUESTS: dict[str, tuple[dict, dict]] = {
                          "rows": {"type": "integer", "minimum": 0, "maximum": 65535},
                          "cols": {"type": "integer", "minimum": 0, "maximum": 65535}},
                         required=["process_id", "rows", "cols"]), _empty),
+    # The guest processes that share the container init's mount namespace.
+    "list_processes": (_obj({"container_id": _process_id}, required=["container_id"]), _obj({
+        "processes": {"type": "array", "maxItems": 65536, "items": _obj({
+            "pid": {"type": "integer", "minimum": 1, "maximum": 2**22},
+            "cmd": {"type": "string", "maxLength": 4096}}, required=["pid", "cmd"])},
+    }, required=["processes"])),
+    "signal_container": (_obj({"container_id": _process_id,
+                               "signal": {"type": "integer", "minimum": 0, "maximum": 64}},
+                              required=["container_id", "signal"]), _empty),
     "shutdown": (_empty, _empty),
 }
 

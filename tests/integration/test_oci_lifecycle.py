@@ -387,3 +387,63 @@ def test_pause_resume_then_force_delete_while_paused(box):
     reap(box["pid"])
     one_error_line(cli(root, "state", "box"), "does not exist")
     assert_nothing_left(root)
+
+
+def test_hooks_ps_and_kill_all(tmp_path):
+    """Hooks run on the host with the state on stdin; ps lists the container's
+    guest processes; kill --all reaches every one of them."""
+    root = tmp_path / "root"
+    out = tmp_path / "hooks"
+    out.mkdir()
+
+    def hook(name):
+        return [{"path": "/bin/sh", "args": ["sh", "-c", f"cat > {out}/{name}.json"], "timeout": 30}]
+
+    # The shell ignores TERM; its two children get the default back.
+    script = "trap '' TERM; (trap - TERM; exec sleep 1000) & (trap - TERM; exec sleep 1001) & wait"
+    bundle = make_bundle(tmp_path / "bundle", ["sh", "-c", script],
+                         hooks={"prestart": hook("prestart"), "createRuntime": hook("createRuntime"),
+                                "poststart": hook("poststart"), "poststop": hook("poststop")})
+    logs = tmp_path / "logs"
+    assert detached(root, logs, "create", "--bundle", bundle, "h1").returncode == 0
+    created = json.loads((out / "prestart.json").read_text())
+    assert created["id"] == "h1" and created["status"] == "created" and created["bundle"] == str(bundle)
+    assert (out / "createRuntime.json").exists() and not (out / "poststart.json").exists()
+    assert cli(root, "start", "h1").returncode == 0
+    assert json.loads((out / "poststart.json").read_text())["status"] == "running"
+
+    deadline = time.monotonic() + 30
+    while True:
+        listed = cli(root, "ps", "--format", "json", "h1")
+        assert listed.returncode == 0, listed.stderr
+        if len(json.loads(listed.stdout)) >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert len(json.loads(listed.stdout)) == 3  # sh and its two sleeps
+    table = cli(root, "ps", "h1").stdout.decode()
+    assert "sleep 1000" in table and "sleep 1001" in table
+
+    # TERM to the init alone is ignored; --all reaches the children, and the
+    # shell's wait then returns.
+    assert cli(root, "kill", "h1", "TERM").returncode == 0
+    time.sleep(2)
+    assert state_of(root, "h1")["status"] == "running"
+    assert len(json.loads(cli(root, "ps", "--format", "json", "h1").stdout)) == 3
+    assert cli(root, "kill", "--all", "h1", "TERM").returncode == 0
+    wait_status(root, "h1", "stopped")
+    assert cli(root, "delete", "h1").returncode == 0
+    assert json.loads((out / "poststop.json").read_text())["status"] == "stopped"
+    assert_nothing_left(root)
+
+
+def test_dead_vm_reads_as_stopped_and_delete_cleans_up(tmp_path):
+    root = tmp_path / "root"
+    bundle = make_bundle(tmp_path / "bundle", ["sleep", "1000"])
+    assert detached(root, tmp_path / "logs", "run", "--detach", "--bundle", bundle, "dead1").returncode == 0
+    qemus = qemu_processes_under(RUN_DIR)
+    assert qemus
+    for pid in qemus:
+        os.kill(pid, 9)
+    wait_status(root, "dead1", "stopped")
+    assert cli(root, "delete", "dead1").returncode == 0
+    assert_nothing_left(root)
