@@ -15,8 +15,9 @@ from __future__ import annotations
 import os
 import threading
 
+from .cgroups import Cgroup, CgroupError
 from .processes import ProcessError
-from .syscalls import (CLONE_NEWIPC, CLONE_NEWNS, CLONE_NEWUTS, MS_BIND, MS_MOVE, MS_NODEV,
+from .syscalls import (CLONE_NEWCGROUP, CLONE_NEWIPC, CLONE_NEWNS, CLONE_NEWUTS, MS_BIND, MS_MOVE, MS_NODEV,
                        MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REC, MS_RELATIME, MS_REMOUNT, MS_SLAVE)
 
 CONTAINERS_DIR = "/run/kata/containers"
@@ -30,6 +31,7 @@ class Container:
         self.readonly = readonly
         self.hostname = hostname
         self.init_pid: int | None = None
+        self.cgroup = Cgroup(container_id)
 
 
 class Containers:
@@ -48,7 +50,8 @@ class Containers:
             raise ProcessError("not_found", f"no container {container_id!r}")
         return container
 
-    def create(self, container_id: str, mount_tag: str, readonly: bool, hostname: str) -> Container:
+    def create(self, container_id: str, mount_tag: str, readonly: bool, hostname: str,
+               resources: dict | None = None) -> Container:
         rootfs = f"{CONTAINERS_DIR}/{container_id}/rootfs"
         # 9p is among the modules the agent loads after it starts listening.
         if self.modules_ready is not None and not self.modules_ready.wait(self.MODULES_TIMEOUT):
@@ -63,8 +66,27 @@ class Containers:
             except OSError as exc:
                 raise ProcessError("failed", f"cannot mount the rootfs share {mount_tag!r}: {exc.strerror}") from None
             container = Container(container_id, rootfs, readonly, hostname)
+            try:
+                container.cgroup.create()
+                container.cgroup.apply(resources or {})
+            except OSError as exc:
+                container.cgroup.remove()
+                try:
+                    self.sys.umount(rootfs)
+                except OSError:
+                    pass
+                raise ProcessError("invalid", f"container resources: {exc.strerror}") from None
             self.by_id[container_id] = container
         return container
+
+    def update(self, container: Container, resources: dict) -> None:
+        try:
+            container.cgroup.apply(resources)
+        except CgroupError as exc:
+            raise ProcessError("invalid", f"update: {exc.strerror}") from None
+
+    def stats(self, container: Container) -> dict:
+        return container.cgroup.stats()
 
     def processes(self, container: Container) -> list[dict]:
         """Guest processes in the container: those in its init's mount namespace."""
@@ -100,7 +122,9 @@ class Containers:
         sys_ = self.sys
 
         def setup() -> None:
-            sys_.unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC)
+            container.cgroup.enter()
+            # After entering: the new cgroup namespace is rooted at the container's cgroup.
+            sys_.unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWCGROUP)
             # Nothing mounted from here on may leak back into the guest's namespace.
             sys_.mount("none", "/", "", MS_REC | MS_SLAVE)
             root = container.rootfs
@@ -108,6 +132,7 @@ class Containers:
             for source, target, fstype, flags, data in (
                     ("proc", "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RELATIME, ""),
                     ("sysfs", "sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, ""),
+                    ("cgroup2", "sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, ""),
                     ("/dev", "dev", "", MS_BIND | MS_REC, "")):
                 path = f"{root}/{target}"
                 try:
@@ -133,12 +158,14 @@ class Containers:
         pid = container.init_pid
         try:
             fds = [(os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), flag)
-                   for name, flag in (("ipc", CLONE_NEWIPC), ("uts", CLONE_NEWUTS), ("mnt", CLONE_NEWNS))]
+                   for name, flag in (("ipc", CLONE_NEWIPC), ("uts", CLONE_NEWUTS), ("cgroup", CLONE_NEWCGROUP),
+                                      ("mnt", CLONE_NEWNS))]
             root_fd = os.open(f"/proc/{pid}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
             raise ProcessError("state", f"the init process of container {container.id!r} is gone") from None
 
         def setup() -> None:
+            container.cgroup.enter()
             for fd, flag in fds:
                 sys_.setns(fd, flag)
             os.fchdir(root_fd)

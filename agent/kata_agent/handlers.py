@@ -60,8 +60,17 @@ class Handlers:
 
     def rpc_create_container(self, args: dict) -> dict:
         self._containers().create(args["container_id"], args["mount_tag"], bool(args.get("readonly")),
-                                  args.get("hostname", ""))
+                                  args.get("hostname", ""), args.get("resources"))
         return {}
+
+    def rpc_update_container(self, args: dict) -> dict:
+        containers = self._containers()
+        containers.update(containers.get(args["container_id"]), args["resources"])
+        return {}
+
+    def rpc_container_stats(self, args: dict) -> dict:
+        containers = self._containers()
+        return containers.stats(containers.get(args["container_id"]))
 
     def rpc_list_processes(self, args: dict) -> dict:
         containers = self._containers()

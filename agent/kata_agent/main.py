@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 
+from .cgroups import enable_controllers
 from .container import Containers
 from .handlers import Handlers
 from .pid1 import BASE_MOUNTS, Pid1, log
@@ -24,6 +25,7 @@ def main() -> None:
     log("started")
     if os.getpid() == 1:
         pid1.mount_all(BASE_MOUNTS)
+        enable_controllers()
         # The kernel already shields init from signals it has no handler for.
         # Python installs one for SIGINT, so replace it with a no-op (a handler,
         # not SIG_IGN, so that exec'd children get the default back).

@@ -27,6 +27,7 @@ MS_PRIVATE = 1 << 18
 MS_RELATIME = 1 << 21
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 
@@ -45,6 +46,9 @@ class Syscalls:
         self._check(self._libc.mount(source.encode(), target.encode(), fstype.encode(),
                                      ctypes.c_ulong(flags), data.encode() or None),
                     f"mount {fstype} on {target}")
+
+    def umount(self, target: str, flags: int = 0) -> None:
+        self._check(self._libc.umount2(target.encode(), flags), f"umount {target}")
 
     def unshare(self, flags: int) -> None:
         self._check(self._libc.unshare(flags), "unshare")

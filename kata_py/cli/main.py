@@ -18,7 +18,7 @@ from . import logging_setup
 # subcommand -> module in kata_py.cli; imported only when used, so `kata-py
 # state` does not pay for what `kata-py vm run` needs.
 SUBCOMMANDS = {name: name for name in (
-    "create", "start", "state", "kill", "delete", "run", "exec", "list", "ps", "pause", "resume",
+    "create", "start", "state", "kill", "delete", "run", "exec", "list", "ps", "events", "update", "pause", "resume",
     "spec", "features", "vm", "check", "image")}
 
 

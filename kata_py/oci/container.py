@@ -191,6 +191,30 @@ def kill(store: StateStore, container_id: str, signum: int, all_processes: bool 
         asyncio.run(_agent_call(state, "signal_process", {"process_id": state.init_process, "signal": signum}))
 
 
+def update(store: StateStore, container_id: str, resources: dict) -> None:
+    """Change the container's cgroup limits in the guest. The VM's memory is
+    fixed at boot: a limit beyond it is refused rather than silently unmet."""
+    from .process_spec import GUEST_OVERHEAD_MIB, vm_size
+
+    with store.locked(container_id) as state:
+        state.require("update", lambda status: status in (Status.CREATED, Status.RUNNING, Status.PAUSED))
+        limit = (resources.get("memory") or {}).get("limit")
+        if isinstance(limit, int) and limit > 0:
+            booted_mib, _ = vm_size(load_bundle(state.bundle)[1])
+            needed = -(-limit // (1 << 20)) + GUEST_OVERHEAD_MIB
+            if needed > booted_mib:
+                raise ConfigError(f"update: a memory limit of {limit} needs a {needed} MiB VM; this container's "
+                                  f"VM has {booted_mib} MiB (sized at create): recreate it with the larger limit")
+        asyncio.run(_agent_call(state, "update_container", {"container_id": agent_container_id(container_id),
+                                                            "resources": resources}))
+
+
+def stats(store: StateStore, container_id: str) -> dict:
+    state = store.load(container_id)
+    state.require("read stats of", lambda status: status in (Status.CREATED, Status.RUNNING))
+    return asyncio.run(_agent_call(state, "container_stats", {"container_id": agent_container_id(container_id)}))
+
+
 def processes(store: StateStore, container_id: str) -> list[dict]:
     state = store.load(container_id)
     state.require("list processes of", lambda status: status in (Status.RUNNING, Status.PAUSED, Status.CREATED))

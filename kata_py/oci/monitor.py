@@ -71,6 +71,7 @@ async def run_container(args, report: StatusPipe) -> int:
         cid = agent_container_id(args.id)
         await sandbox.agent.request("create_container", {
             "container_id": cid, "mount_tag": "rootfs", "readonly": bool(config["root"].get("readonly")),
+            "resources": config.get("linux", {}).get("resources") or {},
             "hostname": config.get("hostname", "")})
         spec = process_args(process)
         if console is not None:

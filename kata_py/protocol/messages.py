@@ -41,6 +41,24 @@ HELLO = _obj({
     "stream": {"enum": list(STREAMS)},
 }, required=["role"])
 
+_int64 = {"type": ["integer", "null"], "minimum": -1, "maximum": 2**63 - 1}
+_uint64 = {"type": "integer", "minimum": 0, "maximum": 2**64 - 1}
+_uint64_or_max = {"type": ["integer", "null"], "minimum": 0, "maximum": 2**64 - 1}  # null: no limit
+_cpuset = {"type": "string", "maxLength": 1024, "pattern": "^[0-9,-]*\\Z"}
+
+# The part of OCI linux.resources that the guest applies to the container's
+# cgroup v2; other members are allowed and ignored.
+RESOURCES = {"type": "object", "properties": {
+    "memory": {"type": "object", "properties": {k: _int64 for k in ("limit", "reservation", "swap")}},
+    "cpu": {"type": "object", "properties": {
+        "shares": {"type": ["integer", "null"], "minimum": 0, "maximum": 2**32},
+        "quota": _int64, "period": {"type": ["integer", "null"], "minimum": 0, "maximum": 2**32},
+        "cpus": _cpuset, "mems": _cpuset}},
+    "pids": {"type": "object", "properties": {"limit": _int64}},
+    "blockIO": {"type": "object", "properties": {"weight": {"type": ["integer", "null"], "minimum": 0,
+                                                             "maximum": 1000}}},
+}}
+
 # type -> (args schema, result schema)
 REQUESTS: dict[str, tuple[dict, dict]] = {
     "ping": (_empty, _obj({
@@ -68,6 +86,7 @@ REQUESTS: dict[str, tuple[dict, dict]] = {
     }, required=["process_id", "argv"]), _empty),
     "create_container": (_obj({
         "container_id": _process_id,
+        "resources": RESOURCES,
         "mount_tag": {"type": "string", "minLength": 1, "maxLength": 31, "pattern": "^[A-Za-z0-9_.-]+$"},
         "readonly": {"type": "boolean"},
         "hostname": {"type": "string", "maxLength": 64},
@@ -96,6 +115,14 @@ REQUESTS: dict[str, tuple[dict, dict]] = {
     "signal_container": (_obj({"container_id": _process_id,
                                "signal": {"type": "integer", "minimum": 0, "maximum": 64}},
                               required=["container_id", "signal"]), _empty),
+    "update_container": (_obj({"container_id": _process_id, "resources": RESOURCES},
+                              required=["container_id", "resources"]), _empty),
+    "container_stats": (_obj({"container_id": _process_id}, required=["container_id"]), _obj({
+        "cpu": _obj({k: _uint64 for k in ("usage_usec", "user_usec", "system_usec")}),
+        "memory": _obj({"usage": _uint64, "limit": _uint64_or_max, "swap_usage": _uint64, "oom": _uint64,
+                        "oom_kill": _uint64, "anon": _uint64, "file": _uint64}),
+        "pids": _obj({"current": _uint64, "limit": _uint64_or_max}),
+    }, required=["cpu", "memory", "pids"])),
     "shutdown": (_empty, _empty),
 }
 
