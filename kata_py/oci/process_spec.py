@@ -8,7 +8,7 @@ import os
 
 from ..errors import ConfigError
 
-GUEST_OVERHEAD_MIB = 96   # kernel, agent and page cache beside the container's own limit
+GUEST_OVERHEAD_MIB = 128  # kernel, the unreclaimable initramfs, agent, page cache beside the limit
 MIN_MEMORY_MIB = 128
 MAX_MEMORY_MIB = 16384
 

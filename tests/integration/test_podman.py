@@ -129,3 +129,11 @@ def test_exec_interactive_tty(podman):
     finally:
         podman("rm", "-f", "-t", "0", name)
     assert leftover_processes() == []
+
+
+def test_resource_flags_reach_the_guest_cgroup(podman):
+    result = podman("run", "--rm", "--runtime", "kata-py", "--network", "none", "--memory", "64m",
+                    "--cpus", "0.5", "--pids-limit", "50", IMAGE,
+                    "cat", "/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/cpu.max", "/sys/fs/cgroup/pids.max")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().split("\n")[:3] == [str(64 << 20), "50000 100000", "50"]

@@ -153,7 +153,7 @@ def test_rootfs_must_be_a_directory(tmp_path):
 @pytest.mark.parametrize("resources,memory,cpus", [
     (None, MIN_MEMORY_MIB, 1),
     ({}, MIN_MEMORY_MIB, 1),
-    ({"memory": {"limit": 16 << 20}}, MIN_MEMORY_MIB, 1),                 # small limits: the floor
+    ({"memory": {"limit": 16 << 20}}, max(MIN_MEMORY_MIB, 16 + GUEST_OVERHEAD_MIB), 1),
     ({"memory": {"limit": 512 << 20}}, 512 + GUEST_OVERHEAD_MIB, 1),
     ({"memory": {"limit": (512 << 20) + 1}}, 513 + GUEST_OVERHEAD_MIB, 1),  # rounded up, never down
     ({"memory": {"limit": -1}}, MIN_MEMORY_MIB, 1),                       # -1: unlimited
