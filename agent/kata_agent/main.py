@@ -30,6 +30,10 @@ def main() -> None:
         # Python installs one for SIGINT, so replace it with a no-op (a handler,
         # not SIG_IGN, so that exec'd children get the default back).
         signal.signal(signal.SIGINT, lambda *_: None)
+        try:
+            pid1.loopback_up()  # before any process runs: loopback always exists in the sandbox
+        except OSError as exc:
+            log(f"loopback: {exc}")
     modules = pid1.module_paths()
     split = max((i + 1 for i, path in enumerate(modules) if path.endswith(BOOT_MODULES)), default=len(modules))
     pid1.load_modules(modules[:split])

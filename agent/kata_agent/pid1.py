@@ -59,6 +59,18 @@ class Pid1:
             except OSError as exc:
                 log(f"{exc}")
 
+    def loopback_up(self) -> None:
+        """`ip link set lo up`: the kernel then gives it 127.0.0.1 and ::1."""
+        import fcntl
+        import socket
+        import struct
+
+        SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            request = struct.pack("16sH14x", b"lo", 0)
+            flags = struct.unpack("16sH14x", fcntl.ioctl(sock, SIOCGIFFLAGS, request))[1]
+            fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+
     def power_off(self) -> None:
         """End the VM. QEMU runs with -no-reboot, so a reboot is the fastest clean exit."""
         self.sys.sync()

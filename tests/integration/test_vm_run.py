@@ -80,3 +80,9 @@ def test_check_reports_the_accelerator():
         assert "TCG" in accel_line
         assert ("kvm_pvm" in accel_line or "no /dev/kvm" in accel_line or "did not boot" in accel_line)
     assert "vsock" in text and "9p" in text or "virtio-fs" in text
+
+
+def test_loopback_is_up_and_nothing_else():
+    result = kata("vm", "run", "--", "sh", "-c", "ls /sys/class/net; ping -c 1 -W 5 127.0.0.1 >/dev/null && echo ping-ok")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().split() == ["lo", "ping-ok"]
