@@ -12,15 +12,11 @@ import pytest
 from kata_py.cli.events import stats_event
 from tests.bundles import make_bundle
 from tests.conftest import KATA
+from tests.oci_helpers import cli
 
 pytestmark = pytest.mark.vm
 
 MIB = 1 << 20
-
-
-def cli(root, *args, timeout=120):
-    return subprocess.run(KATA + ["--root", str(root), *map(str, args)], stdin=subprocess.DEVNULL,
-                          capture_output=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ window-size changes reaching the guest's pty."""
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import hashlib
 import json
@@ -21,74 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from kata_py.oci.state import StateStore
 from tests.bundles import make_bundle
-from tests.conftest import KATA, RUN_DIR, qemu_processes_under
+from tests.conftest import KATA
+from tests.oci_helpers import assert_nothing_left, cli, force_delete_leftovers, reap, subreaper  # noqa: F401
 
 pytestmark = pytest.mark.vm
 
 MIB = 1 << 20
-PR_SET_CHILD_SUBREAPER = 36
-
-
-def cli(root: Path, *args, **kwargs) -> subprocess.CompletedProcess:
-    kwargs.setdefault("timeout", 120)
-    if "input" not in kwargs:
-        kwargs.setdefault("stdin", subprocess.DEVNULL)
-    kwargs.setdefault("stdout", subprocess.PIPE)
-    kwargs.setdefault("stderr", subprocess.PIPE)
-    return subprocess.run(KATA + ["--root", str(root), *map(str, args)], **kwargs)
-
-
-def assert_nothing_left(root: Path) -> None:
-    entries = sorted(p.name for p in root.iterdir()) if root.exists() else []
-    assert entries == [], f"left under --root: {entries}"
-    monitors = []
-    for proc in Path("/proc").iterdir():
-        try:
-            line = (proc / "cmdline").read_bytes() if proc.name.isdigit() else b""
-        except OSError:
-            continue
-        if b"kata_py.oci.monitor" in line and str(root).encode() in line.split(b"\0"):
-            monitors.append(int(proc.name))
-    assert monitors == []
-    assert qemu_processes_under(RUN_DIR) == []
-    sandboxes = sorted(p.name for p in RUN_DIR.iterdir()) if RUN_DIR.exists() else []
-    assert sandboxes == [], f"left in the run directory: {sandboxes}"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def subreaper(image):
-    """Become a subreaper (as conmon is) so a detached monitor's status can be read."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    yield
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
-    while True:
-        try:
-            if os.waitpid(-1, os.WNOHANG)[0] == 0:
-                break
-        except ChildProcessError:
-            break
-
-
-@pytest.fixture(autouse=True)
-def force_delete_leftovers(tmp_path):
-    """A test that fails half-way must not leave its container's VM running."""
-    yield
-    root = tmp_path / "root"
-    for container_id in StateStore(root).list_ids():
-        cli(root, "delete", "--force", container_id)
-
-
-def reap(pid: int, timeout: float = 30) -> int:
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        assert time.monotonic() < deadline, f"process {pid} did not exit within {timeout} s"
-        time.sleep(0.05)
 
 
 # -- inherited pipes
