@@ -107,8 +107,16 @@ class ProcessSession:
 
     async def create(self) -> None:
         await self.agent.request("create_process", self.args)
-        for name in self.streams:
-            self.connections[name] = await open_stream(self.sandbox.transport, self.process_id, name)
+        # Concurrently: each stream is its own vsock connection and handshake.
+        opened = await asyncio.gather(*(open_stream(self.sandbox.transport, self.process_id, name)
+                                        for name in self.streams), return_exceptions=True)
+        failed = next((result for result in opened if isinstance(result, BaseException)), None)
+        for name, result in zip(self.streams, opened):
+            if not isinstance(result, BaseException):
+                self.connections[name] = result
+        if failed is not None:
+            self.close()
+            raise failed
 
     async def prepare(self) -> int:
         self.pid = (await self.agent.request("prepare_process", {"process_id": self.process_id}))["pid"]
