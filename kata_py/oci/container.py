@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, KataError
 from .exec_process import connect
-from .hooks import run_hooks
+from .hooks import run_guest_hooks, run_hooks
 from .process_spec import agent_container_id
 from .spec import load_bundle
 from .state import (ContainerNotFound, ContainerState, StateStore, Status, process_start_time,
@@ -148,10 +148,26 @@ def create(store: StateStore, container_id: str, bundle: str, pid_file: str | No
 def start(store: StateStore, container_id: str) -> None:
     with store.locked(container_id) as state:
         state.require("start", Status.can_start)
-        asyncio.run(_agent_call(state, "start_process", {"process_id": state.init_process}))
+        asyncio.run(_start(state))
         state.status = Status.RUNNING.value
         store.save(state)
     run_hooks("poststart", state.config_hooks.get("poststart", []), state.oci_state(), fatal=False)
+
+
+async def _start(state: ContainerState) -> None:
+    handle = await connect(state)
+    try:
+        hooks = state.config_hooks.get("startContainer", [])
+        if hooks:
+            try:
+                await run_guest_hooks(handle, state.id, "startContainer", hooks, state.oci_state())
+            except KataError:
+                # The spec: a failing startContainer hook stops the container.
+                await handle.agent.request("signal_process", {"process_id": state.init_process, "signal": 9})
+                raise
+        await handle.agent.request("start_process", {"process_id": state.init_process})
+    finally:
+        await handle.agent.close()
 
 
 async def _agent_call(state: ContainerState, request: str, args: dict, timeout: float = 30.0) -> dict:

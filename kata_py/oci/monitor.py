@@ -54,6 +54,7 @@ async def run_container(args, report: StatusPipe) -> int:
     from ..sandbox.process import ProcessSession
     from ..sandbox.sandbox import Sandbox, Share
     from .console import HostConsole
+    from .hooks import run_guest_hooks
     from .process_spec import agent_container_id, process_args, vm_size
     from .spec import load_bundle
 
@@ -84,6 +85,10 @@ async def run_container(args, report: StatusPipe) -> int:
                                  process_id="init", **_stdio_fds(console))
         await session.create()
         guest_pid = await session.prepare()
+        # The container's namespaces exist now (its init waits at the barrier).
+        hook_state = dict(state.oci_state(), status=Status.CREATING.value, pid=os.getpid())
+        await run_guest_hooks(sandbox, args.id, "createContainer",
+                              config.get("hooks", {}).get("createContainer", []), hook_state)
         report.send("ok", {"run_dir": str(sandbox.run_dir), "vsock": {"uds": str(sandbox.transport.uds_path)},
                            "init_process": session.process_id, "guest_pid": guest_pid})
         if console is not None:

@@ -325,13 +325,22 @@ def test_hooks_ps_and_kill_all(tmp_path):
     script = "trap '' TERM; (trap - TERM; exec sleep 1000) & (trap - TERM; exec sleep 1001) & wait"
     bundle = make_bundle(tmp_path / "bundle", ["sh", "-c", script],
                          hooks={"prestart": hook("prestart"), "createRuntime": hook("createRuntime"),
-                                "poststart": hook("poststart"), "poststop": hook("poststop")})
+                                "poststart": hook("poststart"), "poststop": hook("poststop"),
+                                # These two run in the guest, in the container's root.
+                                "createContainer": [{"path": "/bin/sh", "args": [
+                                    "sh", "-c", "cat > /createContainer.json"], "timeout": 60}],
+                                "startContainer": [{"path": "/bin/sh", "args": [
+                                    "sh", "-c", "cat > /startContainer.json"], "timeout": 60}]})
     logs = tmp_path / "logs"
     assert detached(root, logs, "create", "--bundle", bundle, "h1").returncode == 0
     created = json.loads((out / "prestart.json").read_text())
     assert created["id"] == "h1" and created["status"] == "created" and created["bundle"] == str(bundle)
     assert (out / "createRuntime.json").exists() and not (out / "poststart.json").exists()
+    in_guest = json.loads((bundle / "rootfs" / "createContainer.json").read_text())
+    assert in_guest["id"] == "h1" and in_guest["status"] == "creating"
+    assert not (bundle / "rootfs" / "startContainer.json").exists()
     assert cli(root, "start", "h1").returncode == 0
+    assert json.loads((bundle / "rootfs" / "startContainer.json").read_text())["status"] == "created"
     assert json.loads((out / "poststart.json").read_text())["status"] == "running"
 
     deadline = time.monotonic() + 30
@@ -341,7 +350,7 @@ def test_hooks_ps_and_kill_all(tmp_path):
         if len(json.loads(listed.stdout)) >= 3 or time.monotonic() > deadline:
             break
         time.sleep(0.3)
-    assert len(json.loads(listed.stdout)) == 3  # sh and its two sleeps
+    assert len(json.loads(listed.stdout)) == 3  # sh and its two sleeps (the hooks are gone)
     table = cli(root, "ps", "h1").stdout.decode()
     assert "sleep 1000" in table and "sleep 1001" in table
 
@@ -368,4 +377,15 @@ def test_dead_vm_reads_as_stopped_and_delete_cleans_up(tmp_path):
         os.kill(pid, 9)
     wait_status(root, "dead1", "stopped")
     assert cli(root, "delete", "dead1").returncode == 0
+    assert_nothing_left(root)
+
+
+def test_failing_start_container_hook_stops_the_container(tmp_path):
+    root = tmp_path / "root"
+    bundle = make_bundle(tmp_path / "bundle", ["sleep", "1000"], hooks={"startContainer": [
+        {"path": "/bin/sh", "args": ["sh", "-c", "exit 3"], "timeout": 60}]})
+    assert detached(root, tmp_path / "logs", "create", "--bundle", bundle, "sh1").returncode == 0
+    one_error_line(cli(root, "start", "sh1"), "startContainer hook /bin/sh failed", "exit status 3")
+    wait_status(root, "sh1", "stopped")
+    assert cli(root, "delete", "sh1").returncode == 0
     assert_nothing_left(root)
