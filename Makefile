@@ -1,11 +1,9 @@
-# The two commands a newcomer needs: `make demo` and `make test`.
-# Both install what is missing first (ci/setup.sh), then build the guest image
-# if it is not cached, so they work on a fresh Debian 12 machine as root.
+# Conveniences around the two commands in README.md (ci/demo.sh, ci/test.sh),
+# which need nothing but bash on a fresh Debian 12 machine.
 VENV := .venv
 KATA := $(VENV)/bin/kata-py
-PYTEST := $(VENV)/bin/python -m pytest
 
-.PHONY: setup image demo test unit bench check clean
+.PHONY: setup image demo test unit bench check
 
 setup:
 	@bash ci/setup.sh
@@ -13,17 +11,14 @@ setup:
 image: setup
 	@$(KATA) image build
 
-demo: image
-	$(KATA) check
-	$(KATA) vm run -- sh -c 'echo "hello from the sandbox VM: $$(uname -sr), pid $$$$"; cat /proc/cpuinfo | grep -m1 "model name"'
+demo:
+	@bash ci/demo.sh
 
-# pytest exits 5 when it collected nothing: that is a failure, not a pass.
-test: image
-	@$(PYTEST) -q tests; status=$$?; \
-	if [ $$status -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$status
+test:
+	@bash ci/test.sh
 
 unit: setup
-	$(PYTEST) -q tests/unit
+	$(VENV)/bin/python -m pytest -q tests/unit
 
 check: image
 	$(KATA) check
@@ -31,6 +26,4 @@ check: image
 bench: image
 	$(VENV)/bin/python bench/boot.py
 	$(VENV)/bin/python bench/stdio.py
-
-clean:
-	rm -rf $(VENV)
+	$(VENV)/bin/python bench/engines.py
