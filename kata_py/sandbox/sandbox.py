@@ -41,7 +41,9 @@ class Share:
     def qemu_args(self, bus: str) -> list[str]:
         # passthrough: the guest's root may chown/chmod for real, as a container's
         # root expects; the export is confined to `path` by QEMU.
-        fsdev = f"local,id=fs-{self.tag},path={self.path},security_model=passthrough"
+        # QEMU option values escape a comma by doubling it; a bundle path may hold one.
+        path = str(self.path).replace(",", ",,")
+        fsdev = f"local,id=fs-{self.tag},path={path},security_model=passthrough"
         if self.readonly:
             fsdev += ",readonly=on"
         device = "virtio-9p-device" if bus == "mmio" else "virtio-9p-pci"
