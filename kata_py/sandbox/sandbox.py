@@ -13,7 +13,7 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import paths
@@ -56,7 +56,6 @@ class BootTimes:
 
     launched: float = 0.0       # QEMU answered QMP
     agent_ready: float = 0.0    # the agent answered a ping
-    marks: dict = field(default_factory=dict)
 
 
 class Sandbox:
