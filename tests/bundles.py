@@ -25,6 +25,22 @@ def make_rootfs(rootfs: Path) -> Path:
     return rootfs
 
 
+# What `runc spec` gives a container: the usual kernel filesystems.
+DEFAULT_MOUNTS = [
+    {"destination": "/proc", "type": "proc", "source": "proc"},
+    {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755",
+                                                                             "size=65536k"]},
+    {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+     "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+    {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+     "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+    {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+    {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+    {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+     "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
+]
+
+
 def make_bundle(directory: Path, args: list[str], terminal: bool = False, readonly: bool = False,
                 **extra) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
@@ -35,6 +51,7 @@ def make_bundle(directory: Path, args: list[str], terminal: bool = False, readon
                     "env": ["PATH=/bin", "TERM=xterm"], "cwd": "/"},
         "root": {"path": "rootfs", "readonly": readonly},
         "hostname": "kata-test",
+        "mounts": DEFAULT_MOUNTS,
         "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}, {"type": "uts"}]},
     }
     config.update(extra)

@@ -1,13 +1,18 @@
-"""Containers inside the guest: the rootfs share and the process set-up.
+"""Containers inside the guest: the shared rootfs and each process's set-up.
 
-A container's rootfs is a host directory shared into the VM (virtio-9p, one
-mount tag per container) and mounted under /run/kata/containers/<id>/rootfs.
-Its init process gets new mount, UTS and IPC namespaces, the rootfs moved to
-/ of its mount namespace and chroot'ed into (runc's --no-pivot way: the
-guest's own root is an initramfs, which pivot_root refuses). Further
-processes (`exec`) join the init's namespaces and root.
+A container's files come from one host directory shared into the VM
+(virtio-9p, one mount tag per container) and mounted under
+/run/kata/containers/<id>/share: the rootfs at `rootfs_path` in it, the
+sources of its bind mounts beside it. Its init process gets the namespaces
+the spec lists (the guest's network namespace is the VM's own, so never a new
+one), the spec's mounts, devices, masked and read-only paths, then
+pivot_root into the rootfs (or MS_MOVE + chroot with no_pivot), and last a
+user namespace when the spec maps ids. Further processes (`exec`) join the
+init's namespaces and root.
 
-The set-up functions run in the forked child, between fork and exec.
+The set-up functions run in the forked child, between fork and exec; only
+the pid namespace is chosen in the parent, which is where it must be (a
+process's own pid namespace never changes: only its children's can).
 """
 
 from __future__ import annotations
@@ -15,23 +20,61 @@ from __future__ import annotations
 import os
 import threading
 
+from . import mounts as mountlib
 from .cgroups import Cgroup, CgroupError
 from .processes import ProcessError
-from .syscalls import (CLONE_NEWCGROUP, CLONE_NEWIPC, CLONE_NEWNS, CLONE_NEWUTS, MS_BIND, MS_MOVE, MS_NODEV,
-                       MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REC, MS_RELATIME, MS_REMOUNT, MS_SLAVE)
+from .spawn import ask_parent_for_id_maps
+from .syscalls import (CLONE_NEWCGROUP, CLONE_NEWIPC, CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWUSER, CLONE_NEWUTS,
+                       MNT_DETACH, MS_BIND, MS_MOVE, MS_PRIVATE, MS_RDONLY, MS_REC, MS_REMOUNT, MS_SHARED,
+                       MS_SLAVE, MS_UNBINDABLE)
 
 CONTAINERS_DIR = "/run/kata/containers"
 NINEP_OPTIONS = "trans=virtio,version=9p2000.L,msize=262144,cache=mmap,access=client"
+NETWORK_FILES = {"/etc/hosts": "/run/kata/network/hosts", "/etc/resolv.conf": "/run/kata/network/resolv.conf"}
+
+# Namespaces a container may ask for, and the flag each is made with.
+NAMESPACE_FLAGS = {"mount": CLONE_NEWNS, "uts": CLONE_NEWUTS, "ipc": CLONE_NEWIPC, "cgroup": CLONE_NEWCGROUP}
+ROOTFS_PROPAGATION = {"private": MS_PRIVATE, "rprivate": MS_PRIVATE | MS_REC, "slave": MS_SLAVE,
+                      "rslave": MS_SLAVE | MS_REC, "shared": MS_SHARED, "rshared": MS_SHARED | MS_REC,
+                      "unbindable": MS_UNBINDABLE, "runbindable": MS_UNBINDABLE | MS_REC}
 
 
 class Container:
-    def __init__(self, container_id: str, rootfs: str, readonly: bool, hostname: str) -> None:
+    def __init__(self, container_id: str, share: str, spec: dict) -> None:
         self.id = container_id
-        self.rootfs = rootfs
-        self.readonly = readonly
-        self.hostname = hostname
+        self.share = share
+        self.rootfs = share + ("/" + spec["rootfs_path"] if spec.get("rootfs_path") else "")
+        self.readonly = bool(spec.get("readonly"))
+        self.hostname = spec.get("hostname", "")
+        self.domainname = spec.get("domainname", "")
+        self.namespaces = set(spec.get("namespaces", ("mount", "uts", "ipc", "cgroup")))
+        self.uid_mappings = spec.get("uid_mappings", [])
+        self.gid_mappings = spec.get("gid_mappings", [])
+        self.mounts = spec.get("mounts", [])
+        self.devices = spec.get("devices", [])
+        self.masked_paths = spec.get("masked_paths", [])
+        self.readonly_paths = spec.get("readonly_paths", [])
+        self.rootfs_propagation = spec.get("rootfs_propagation", "")
+        self.sysctl = [(item["key"], item["value"]) for item in spec.get("sysctl", [])]
+        self.no_pivot = bool(spec.get("no_pivot"))
         self.init_pid: int | None = None
         self.cgroup = Cgroup(container_id)
+        self.seccomp = None
+
+    @property
+    def user_namespace(self) -> bool:
+        return "user" in self.namespaces
+
+
+def validate_spec(spec: dict) -> None:
+    """What the schema cannot check; raises ProcessError("invalid")."""
+    if "user" in spec.get("namespaces", ()) and not (spec.get("uid_mappings") and spec.get("gid_mappings")):
+        raise ProcessError("invalid", "a user namespace needs uid_mappings and gid_mappings")
+    for mount in spec.get("mounts", []):
+        if not mount["destination"].startswith("/"):
+            raise ProcessError("invalid", f"mount destination {mount['destination']!r} is not absolute")
+        if mount.get("from") == "guest" and not mount.get("source", "").startswith("/dev/"):
+            raise ProcessError("invalid", f"a guest bind source must be a device under /dev: {mount.get('source')!r}")
 
 
 class Containers:
@@ -42,6 +85,7 @@ class Containers:
         self.modules_ready = modules_ready
         self.lock = threading.Lock()
         self.by_id: dict[str, Container] = {}
+        self._own_pid_ns: int | None = None
 
     def get(self, container_id: str) -> Container:
         with self.lock:
@@ -50,34 +94,41 @@ class Containers:
             raise ProcessError("not_found", f"no container {container_id!r}")
         return container
 
-    def create(self, container_id: str, mount_tag: str, readonly: bool, hostname: str,
-               resources: dict | None = None) -> Container:
-        rootfs = f"{CONTAINERS_DIR}/{container_id}/rootfs"
+    def create(self, container_id: str, mount_tag: str, spec: dict, resources: dict | None = None) -> Container:
+        validate_spec(spec)
+        share = f"{CONTAINERS_DIR}/{container_id}/share"
         # 9p is among the modules the agent loads after it starts listening.
         if self.modules_ready is not None and not self.modules_ready.wait(self.MODULES_TIMEOUT):
             raise ProcessError("failed", "the guest's 9p modules did not load")
         with self.lock:
             if container_id in self.by_id:
                 raise ProcessError("exists", f"container {container_id!r} already exists")
-            os.makedirs(rootfs, exist_ok=True)
-            flags = MS_RDONLY if readonly else 0
+            os.makedirs(share, exist_ok=True)
             try:
-                self.sys.mount(mount_tag, rootfs, "9p", flags, NINEP_OPTIONS)
+                # Read-write even for a read-only root: mount points may have to be
+                # made first; the container's view is remounted read-only after.
+                self.sys.mount(mount_tag, share, "9p", 0, NINEP_OPTIONS)
             except OSError as exc:
-                raise ProcessError("failed", f"cannot mount the rootfs share {mount_tag!r}: {exc.strerror}") from None
-            container = Container(container_id, rootfs, readonly, hostname)
+                raise ProcessError("failed", f"cannot mount the share {mount_tag!r}: {exc.strerror}") from None
+            container = Container(container_id, share, spec)
+            if not os.path.isdir(container.rootfs):
+                self._undo(container)
+                raise ProcessError("invalid", f"the rootfs {spec.get('rootfs_path')!r} is not in the share")
             try:
                 container.cgroup.create()
                 container.cgroup.apply(resources or {})
             except OSError as exc:
                 container.cgroup.remove()
-                try:
-                    self.sys.umount(rootfs)
-                except OSError:
-                    pass
+                self._undo(container)
                 raise ProcessError("invalid", f"container resources: {exc.strerror}") from None
             self.by_id[container_id] = container
         return container
+
+    def _undo(self, container: Container) -> None:
+        try:
+            self.sys.umount(container.share)
+        except OSError:
+            pass
 
     def update(self, container: Container, resources: dict) -> None:
         try:
@@ -117,50 +168,96 @@ class Containers:
             except ProcessLookupError:
                 pass
 
+    # -- pid namespace: chosen in the parent, around fork ---------------------------
+    def _pid_ns_switch(self, enter):
+        """A callable for the process table: run `enter()` before fork (this
+        thread's children go to another pid namespace) and return how to undo it."""
+        sys_ = self.sys
+        if self._own_pid_ns is None:
+            self._own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        own = self._own_pid_ns
+
+        def around_fork():
+            enter()
+            return lambda: sys_.setns(own, CLONE_NEWPID)
+        return around_fork
+
+    def new_pid_namespace(self, container: Container):
+        if "pid" not in container.namespaces:
+            return None
+        return self._pid_ns_switch(lambda: self.sys.unshare(CLONE_NEWPID))
+
+    def write_id_maps(self, container: Container):
+        if not container.user_namespace:
+            return None
+
+        def write(pid: int) -> None:
+            for name, mappings in (("uid_map", container.uid_mappings), ("gid_map", container.gid_mappings)):
+                text = "".join(f"{m['container_id']} {m['host_id']} {m['size']}\n" for m in mappings)
+                with open(f"/proc/{pid}/{name}", "w") as f:
+                    f.write(text)
+        return write
+
+    # -- the init process -------------------------------------------------------------
     def init_setup(self, container: Container):
         """Set-up for the container's first process (runs in the child)."""
         sys_ = self.sys
+        root = container.rootfs
+        network_files = {dest: path for dest, path in NETWORK_FILES.items() if os.path.exists(path)}
 
         def setup() -> None:
             container.cgroup.enter()
             # After entering: the new cgroup namespace is rooted at the container's cgroup.
-            sys_.unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWCGROUP)
+            flags = CLONE_NEWNS  # always: the container's mounts must never touch the agent's view
+            for name, flag in NAMESPACE_FLAGS.items():
+                if name in container.namespaces:
+                    flags |= flag
+            sys_.unshare(flags)
             # Nothing mounted from here on may leak back into the guest's namespace.
-            sys_.mount("none", "/", "", MS_REC | MS_SLAVE)
-            root = container.rootfs
+            sys_.mount("", "/", "", MS_REC | MS_SLAVE)
             sys_.mount(root, root, "", MS_BIND | MS_REC)
-            for source, target, fstype, flags, data in (
-                    ("proc", "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RELATIME, ""),
-                    ("sysfs", "sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, ""),
-                    ("cgroup2", "sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, ""),
-                    ("/dev", "dev", "", MS_BIND | MS_REC, "")):
-                path = f"{root}/{target}"
-                try:
-                    os.makedirs(path, exist_ok=True)
-                except OSError:
-                    continue  # a read-only rootfs without the mount point: do without
-                sys_.mount(source, path, fstype, flags, data)
-            if container.readonly:
-                sys_.mount(root, root, "", MS_REMOUNT | MS_BIND | MS_RDONLY)
+            _spec_mounts(sys_, container, network_files)
+            mountlib.make_devices(root, container.devices)
+            for path in container.masked_paths:
+                mountlib.mask_path(sys_, root, path)
+            for path in container.readonly_paths:
+                mountlib.readonly_path(sys_, root, path)
+            for key, value in container.sysctl:
+                # Through the guest's /proc: the VM is the container's own, and the
+                # namespaced keys resolve to the namespaces just made.
+                with open("/proc/sys/" + key.replace(".", "/"), "w") as f:
+                    f.write(value)
             if container.hostname:
                 sys_.sethostname(container.hostname)
-            os.chdir(root)
-            sys_.mount(root, "/", "", MS_MOVE)
-            sys_.chroot(".")
-            os.chdir("/")
+            if container.domainname:
+                sys_.setdomainname(container.domainname)
+            if container.readonly:
+                sys_.mount("", root, "", MS_REMOUNT | MS_BIND | MS_RDONLY
+                           | (os.statvfs(root).f_flag & mountlib.ST_FLAGS_KEPT))
+            _enter_root(sys_, root, container.no_pivot)
+            if container.rootfs_propagation:
+                sys_.mount("", "/", "", ROOTFS_PROPAGATION[container.rootfs_propagation])
+            if container.user_namespace:
+                sys_.unshare(CLONE_NEWUSER)
+                ask_parent_for_id_maps()
         return setup
 
+    # -- further processes -----------------------------------------------------------
     def join_setup(self, container: Container):
         """Set-up for a further process: enter the init's namespaces and root."""
         sys_ = self.sys
         if container.init_pid is None:
             raise ProcessError("state", f"container {container.id!r} has no running init process")
         pid = container.init_pid
+        joined = [("ipc", CLONE_NEWIPC), ("uts", CLONE_NEWUTS), ("cgroup", CLONE_NEWCGROUP), ("mnt", CLONE_NEWNS)]
+
+        def ns_fd(name: str) -> int:
+            return os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            fds = [(os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), flag)
-                   for name, flag in (("ipc", CLONE_NEWIPC), ("uts", CLONE_NEWUTS), ("cgroup", CLONE_NEWCGROUP),
-                                      ("mnt", CLONE_NEWNS))]
+            fds = [(ns_fd(name), flag) for name, flag in joined]
             root_fd = os.open(f"/proc/{pid}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            pid_fd = ns_fd("pid") if "pid" in container.namespaces else None
+            user_fd = ns_fd("user") if container.user_namespace else None
         except OSError:
             raise ProcessError("state", f"the init process of container {container.id!r} is gone") from None
 
@@ -170,10 +267,53 @@ class Containers:
                 sys_.setns(fd, flag)
             os.fchdir(root_fd)
             sys_.chroot(".")
+            if user_fd is not None:
+                # Last: the other namespaces belong to the guest's own user namespace.
+                sys_.setns(user_fd, CLONE_NEWUSER)
             os.chdir("/")
 
         def cleanup() -> None:
             for fd, _ in fds:
                 os.close(fd)
             os.close(root_fd)
-        return setup, cleanup
+            for fd in (pid_fd, user_fd):
+                if fd is not None:
+                    os.close(fd)
+
+        around_fork = None
+        if pid_fd is not None:
+            around_fork = self._pid_ns_switch(lambda: sys_.setns(pid_fd, CLONE_NEWPID))
+        return setup, cleanup, around_fork
+
+
+def _spec_mounts(sys_, container: Container, network_files: dict) -> None:
+    root = container.rootfs
+    destinations = {os.path.normpath(mount["destination"]) for mount in container.mounts}
+    if "/dev" not in destinations:
+        # Device nodes are made in /dev, and never on the host's share.
+        mountlib.mount_one(sys_, root, {"destination": "/dev", "type": "tmpfs",
+                                        "options": ["nosuid", "mode=755", "size=64k"]}, "tmpfs")
+    for mount in container.mounts:
+        if mount.get("from") == "share":
+            source = container.share + "/" + mount["source"]
+        else:
+            source = mount.get("source", "")
+        mountlib.mount_one(sys_, root, mount, source)
+    # The guest's network files, where the spec brings none of its own.
+    for dest, path in network_files.items():
+        if dest not in destinations:
+            mountlib.mount_one(sys_, root, {"destination": dest, "type": "bind", "options": ["ro"]}, path)
+
+
+def _enter_root(sys_, root: str, no_pivot: bool) -> None:
+    os.chdir(root)
+    if no_pivot:
+        sys_.mount(root, "/", "", MS_MOVE)
+        sys_.chroot(".")
+    else:
+        # pivot_root(".", "."): the old root ends up on top of the new one and is
+        # detached at once, so the container never sees the guest's own files.
+        sys_.pivot_root(".", ".")
+        sys_.umount(".", MNT_DETACH)
+    os.chdir("/")
+

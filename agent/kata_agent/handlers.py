@@ -7,20 +7,37 @@ by the time a handler runs.
 from __future__ import annotations
 
 import os
+import socket
 import time
 
 from kata_py.protocol import PROTOCOL_VERSION
 
-from . import AGENT_VERSION
+from . import AGENT_VERSION, credentials, seccomp
 from .container import Containers
+from .network import Network
 from .processes import ProcessError, ProcessTable
 
 
+def _seccomp_filter(profile: dict | None):
+    """Compile a container's linux.seccomp before anything of it exists."""
+    if profile is None:
+        return None
+    try:
+        return seccomp.build(profile)
+    except ValueError as exc:
+        raise ProcessError("invalid", f"seccomp: {exc}") from None
+    except OSError as exc:  # libseccomp itself could not be loaded
+        raise ProcessError("failed", f"seccomp: {exc}") from None
+
+
 class Handlers:
-    def __init__(self, table: ProcessTable, power_off, containers: Containers | None = None) -> None:
+    def __init__(self, table: ProcessTable, power_off, containers: Containers | None = None,
+                 network: Network | None = None) -> None:
         self.table = table
         self.power_off = power_off
         self.containers = containers
+        # The NIC drivers load with the container modules: the same event says when.
+        self.network = network or Network(containers.modules_ready if containers is not None else None)
 
     def dispatch(self, request_type: str, args: dict) -> dict:
         handler = getattr(self, "rpc_" + request_type)
@@ -51,17 +68,43 @@ class Handlers:
             container = self._containers().get(container_id)
             if args.get("init") and container.init_pid is not None:
                 raise ProcessError("state", f"container {container_id!r} already has an init process")
+        security = {key: args[key] for key in credentials.KEYS if key in args}
+        try:
+            credentials.validate(security)
+        except ValueError as exc:
+            raise ProcessError("invalid", str(exc)) from None
         proc = self.table.create(args["process_id"], args["argv"], args.get("env", []), cwd,
                                  bool(args.get("tty", False)), streams, args.get("rows", 0), args.get("cols", 0))
         proc.container_id = container_id
         proc.init = bool(args.get("init"))
         proc.user = args.get("user")
+        proc.security = security
         return {}
 
     def rpc_create_container(self, args: dict) -> dict:
-        self._containers().create(args["container_id"], args["mount_tag"], bool(args.get("readonly")),
-                                  args.get("hostname", ""), args.get("resources"))
+        seccomp_filter = _seccomp_filter(args.get("seccomp"))
+        container = self._containers().create(args["container_id"], args["mount_tag"], args, args.get("resources"))
+        container.seccomp = seccomp_filter
         return {}
+
+    def rpc_configure_network(self, args: dict) -> dict:
+        interfaces = args["interfaces"]
+        for field in ("mac", "name"):
+            values = [nic[field] for nic in interfaces]
+            if len(set(values)) != len(values):
+                raise ProcessError("invalid", f"two NICs have the same {field}")
+        for nic in interfaces:
+            for address in nic.get("addresses", []):
+                _check_ip(address["address"], address["prefix_len"])
+            for route in nic.get("routes", []):
+                families = {_check_ip(route[key], route.get("dst_len", 0) if key == "dst" else None)
+                            for key in ("dst", "gateway", "source") if key in route}
+                if len(families) > 1:
+                    raise ProcessError("invalid", f"route on {nic['name']} mixes IPv4 and IPv6")
+                if not families:
+                    raise ProcessError("invalid", f"a route on {nic['name']} has no dst, gateway or source")
+        configured = self.network.configure(interfaces, args["hosts"], args["resolv_conf"], args.get("hostname", ""))
+        return {"interfaces": configured}
 
     def rpc_update_container(self, args: dict) -> dict:
         containers = self._containers()
@@ -97,12 +140,15 @@ class Handlers:
             return launch(process_id)
         containers = self._containers()
         container = containers.get(proc.container_id)
+        proc.seccomp = container.seccomp  # init and exec alike
         if proc.init:
-            pid = launch(process_id, setup=containers.init_setup(container))
+            pid = launch(process_id, setup=containers.init_setup(container),
+                         around_fork=containers.new_pid_namespace(container),
+                         write_id_maps=containers.write_id_maps(container))
             container.init_pid = pid
             return pid
-        setup, cleanup = containers.join_setup(container)
-        return launch(process_id, setup=setup, cleanup=cleanup)
+        setup, cleanup, around_fork = containers.join_setup(container)
+        return launch(process_id, setup=setup, cleanup=cleanup, around_fork=around_fork)
 
     def _containers(self) -> Containers:
         if self.containers is None:
@@ -124,3 +170,15 @@ class Handlers:
     def rpc_shutdown(self, args: dict) -> dict:
         # Reply first; the server powers off once the reply is on the wire.
         return {"_after_reply": self.power_off}
+
+
+def _check_ip(address: str, prefix_len: int | None) -> int:
+    """The address family of a textual IP address, checking it and its prefix length."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        socket.inet_pton(family, address)
+    except OSError:
+        raise ProcessError("invalid", f"{address!r} is not an IP address") from None
+    if prefix_len is not None and prefix_len > (128 if family == socket.AF_INET6 else 32):
+        raise ProcessError("invalid", f"{address}/{prefix_len}: prefix too long")
+    return family

@@ -24,6 +24,10 @@ def main() -> None:
     pid1 = Pid1()
     log("started")
     if os.getpid() == 1:
+        try:
+            pid1.make_root_a_mount()  # so that containers can pivot_root
+        except OSError as exc:
+            log(f"root bind: {exc}")
         pid1.mount_all(BASE_MOUNTS)
         enable_controllers()
         # The kernel already shields init from signals it has no handler for.

@@ -6,9 +6,10 @@ import os
 import sys
 import time
 
-from .syscalls import MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RELATIME, RB_AUTOBOOT, Syscalls
+from .syscalls import MS_BIND, MS_MOVE, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RELATIME, RB_AUTOBOOT, Syscalls
 
 MODULE_LIST = "/etc/kata-agent/modules"
+ROOT_BIND = "/.root"
 
 # (source, target, fstype, flags, data)
 BASE_MOUNTS = [
@@ -36,6 +37,19 @@ def log(message: str) -> None:
 class Pid1:
     def __init__(self, sys_: Syscalls | None = None) -> None:
         self.sys = sys_ or Syscalls()
+
+    def make_root_a_mount(self) -> None:
+        """Put a bind of the initramfs over itself and make that the root.
+
+        The kernel's initial rootfs can never be pivot_root'ed away from (it has
+        no parent mount); a bind of it on top can. Costs nothing: no copy.
+        """
+        os.makedirs(ROOT_BIND, exist_ok=True)
+        self.sys.mount("/", ROOT_BIND, "", MS_BIND)
+        os.chdir(ROOT_BIND)
+        self.sys.mount(".", "/", "", MS_MOVE)
+        self.sys.chroot(".")
+        os.chdir("/")
 
     def mount_all(self, mounts) -> None:
         for source, target, fstype, flags, data in mounts:

@@ -17,6 +17,7 @@ import struct
 import termios
 import threading
 
+from .credentials import finalize
 from .pid1 import log
 from .spawn import SpawnError, spawn
 
@@ -49,6 +50,8 @@ class Process:
         self.container_id: str | None = None
         self.init = False
         self.user: dict | None = None          # {"uid", "gid", "additional_gids"}
+        self.security: dict | None = None      # credentials.py's other keys: umask, rlimits, capabilities, ...
+        self.seccomp = None                    # a seccomp.Filter: its container's
 
 
 def _set_winsize(fd: int, rows: int, cols: int) -> None:
@@ -143,12 +146,17 @@ class ProcessTable:
                 raise ProcessError("exists", f"{stream} of {process_id!r} is already attached")
             proc.attached[stream] = sock
 
-    def prepare(self, process_id: str, setup=None, cleanup=None) -> int:
-        """Fork the process up to the barrier: set up, waiting for `start`."""
-        proc = self._check_startable(process_id)
-        return self._launch(proc, hold=True, setup=setup, cleanup=cleanup)
+    def prepare(self, process_id: str, setup=None, cleanup=None, **fork_options) -> int:
+        """Fork the process up to the barrier: set up, waiting for `start`.
 
-    def start(self, process_id: str, setup=None, cleanup=None) -> int:
+        fork_options: `around_fork` (called in this thread right before fork,
+        returns the undo, called right after: a pid namespace for the child)
+        and `write_id_maps` (see spawn.spawn).
+        """
+        proc = self._check_startable(process_id)
+        return self._launch(proc, hold=True, setup=setup, cleanup=cleanup, **fork_options)
+
+    def start(self, process_id: str, setup=None, cleanup=None, **fork_options) -> int:
         proc = self.get(process_id)
         if proc.child is not None:
             child, proc.child = proc.child, None
@@ -158,7 +166,7 @@ class ProcessTable:
                 raise ProcessError("failed", f"cannot run {proc.argv[0]!r}: {exc.strerror}") from None
             return proc.pid
         proc = self._check_startable(process_id)
-        return self._launch(proc, hold=False, setup=setup, cleanup=cleanup)
+        return self._launch(proc, hold=False, setup=setup, cleanup=cleanup, **fork_options)
 
     def _check_startable(self, process_id: str) -> Process:
         proc = self.get(process_id)
@@ -169,7 +177,7 @@ class ProcessTable:
             raise ProcessError("state", f"process {process_id!r} already started")
         return proc
 
-    def _launch(self, proc: Process, hold: bool, setup, cleanup) -> int:
+    def _launch(self, proc: Process, hold: bool, setup, cleanup, around_fork=None, write_id_maps=None) -> int:
         """Make the stdio plumbing, fork, and start the relays."""
         child_fds, parent_ends = [], {}
         try:
@@ -191,7 +199,7 @@ class ProcessTable:
                     child_fds.append(theirs)
                     parent_ends[stream] = ours
                 stdio = tuple(child_fds)
-            proc.child = self._fork(proc, stdio, hold, setup)
+            proc.child = self._fork(proc, stdio, hold, setup, around_fork, write_id_maps)
         except Exception:
             for fd in parent_ends.values():
                 os.close(fd)
@@ -222,7 +230,7 @@ class ProcessTable:
                     self._relay(proc, _pump_out_closing, (fd, sock, f"{proc.id} {stream}"), out=True)
         return proc.pid
 
-    def _fork(self, proc: Process, stdio, hold: bool, setup):
+    def _fork(self, proc: Process, stdio, hold: bool, setup, around_fork=None, write_id_maps=None):
         def record(pid: int) -> None:
             # Recorded before the child's report is read: the reaper may see the
             # child exit (even a failed exec exits) before spawn() returns.
@@ -232,14 +240,20 @@ class ProcessTable:
                 self.spawned += 1
                 self.children.notify_all()
 
+        finish = _finalizer(proc)
+        undo = around_fork() if around_fork is not None else None
         try:
             return spawn(proc.argv, _env_dict(proc.env), proc.cwd, stdio, new_session=proc.tty,
-                         controlling_tty=proc.tty, setup=_with_user(setup, proc.user), hold=hold,
-                         on_fork=record)
+                         controlling_tty=proc.tty, setup=_then(setup, finish), pre_exec=finish.pre_exec, hold=hold,
+                         on_fork=_undo_then(undo, record), write_id_maps=write_id_maps)
         except SpawnError as exc:
+            _run_undo(undo)
             with self.lock:
                 self.by_id.pop(proc.id, None)
             raise ProcessError("failed", f"cannot run {proc.argv[0]!r}: {exc.strerror}") from None
+        except BaseException:
+            _run_undo(undo)
+            raise
 
     def _relay(self, proc: Process, target, args, out: bool) -> None:
         thread = threading.Thread(target=target, args=args, daemon=True)
@@ -305,6 +319,25 @@ class ProcessTable:
             proc.exited.set()
 
 
+def _undo_then(undo, record):
+    """on_fork for spawn: undo the pre-fork switch at once (this thread's later
+    children must not land in the container's pid namespace), then record."""
+    if undo is None:
+        return record
+
+    def on_fork(pid: int) -> None:
+        _run_undo(undo)
+        record(pid)
+    return on_fork
+
+
+def _run_undo(undo) -> None:
+    """Undo a pre-fork switch; harmless when it was undone already (the
+    thread's pid namespace for children is its own again either way)."""
+    if undo is not None:
+        undo()
+
+
 def _pump_out_closing(fd: int, sock, what: str) -> None:
     try:
         _pump_out(fd, sock, what)
@@ -312,17 +345,24 @@ def _pump_out_closing(fd: int, sock, what: str) -> None:
         os.close(fd)
 
 
-def _with_user(setup, user: dict | None):
-    """Compose the container set-up with the switch to the process's user."""
-    if user is None:
-        return setup
+def _finalizer(proc: Process):
+    """The process's credentials, limits and seccomp filter, prepared before fork."""
+    security = dict(proc.security or {})
+    if proc.user is not None:
+        security["user"] = proc.user
+    try:
+        return finalize(security, proc.seccomp)
+    except ValueError as exc:  # checked at create_process already: only a bug gets here
+        raise ProcessError("invalid", str(exc)) from None
 
+
+def _then(setup, finish):
+    """Compose the container set-up with the process's finalisation (credentials.py)."""
     def run() -> None:
+        finish.early()
         if setup is not None:
             setup()
-        os.setgroups(user.get("additional_gids", []))
-        os.setgid(user["gid"])
-        os.setuid(user["uid"])
+        finish()
     return run
 
 

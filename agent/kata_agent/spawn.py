@@ -31,15 +31,36 @@ class StepFailed(Exception):
         self.errno = errno
 
 
-def _read_status(fd: int, until_ready: bool) -> bytes:
+def _read_status(fd: int, until_ready: bool, answer=None) -> bytes:
+    """Read the child's report. A "U" is a request for its user namespace's id
+    maps: `answer()` writes them and replies on the sync pipe."""
     data = b""
     while True:
         chunk = os.read(fd, 512)
         if not chunk:
             return data
         data += chunk
+        while data.startswith(b"U") and answer is not None:
+            data = data[1:]
+            answer()
         if until_ready and data.startswith(b"R"):
             return data
+
+
+# In the forked child: (status write fd, sync read fd) for ask_parent().
+_child_channel: tuple[int, int] | None = None
+
+
+def ask_parent_for_id_maps() -> None:
+    """Called by a child's set-up right after unshare(CLONE_NEWUSER): the parent
+    writes /proc/<child>/uid_map and gid_map (only a process outside the new
+    namespace may map ids other than its own)."""
+    if _child_channel is None:
+        raise StepFailed("user namespace: no parent to write the id maps")
+    status_w, sync_r = _child_channel
+    os.write(status_w, b"U")
+    if os.read(sync_r, 1) != b"M":
+        raise StepFailed("user namespace id maps", 1)
 
 
 def _raise_for(report: bytes) -> None:
@@ -81,31 +102,54 @@ class Child:
 
 def spawn(argv: list[str], env: dict[str, str], cwd: str, stdio: tuple[int, int, int],
           new_session: bool = False, controlling_tty: bool = False, setup=None,
-          hold: bool = False, on_fork=None) -> Child:
+          hold: bool = False, on_fork=None, write_id_maps=None, pre_exec=None) -> Child:
     """Fork a child that runs `setup()` (in the child), waits at the barrier if
-    `hold`, then execs argv. Without hold the returned Child is already
-    released. Raises SpawnError for a failure before exec.
+    `hold`, runs `pre_exec()` (in the child), then execs argv. Without hold the
+    returned Child is already released. Raises SpawnError for a failure before
+    exec.
+
+    `pre_exec` is for what must come last, after the barrier too: a seccomp
+    filter under no_new_privs, which then need not allow the set-up's own calls.
 
     `on_fork(pid)` runs in the parent right after fork, so the caller can record
-    the pid before anyone could reap the child.
+    the pid before anyone could reap the child. `write_id_maps(pid)` answers a
+    set-up that entered a new user namespace (see ask_parent_for_id_maps).
     """
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
     barrier_r, barrier_w = os.pipe2(os.O_CLOEXEC) if hold else (None, None)
+    sync_r, sync_w = os.pipe2(os.O_CLOEXEC) if write_id_maps else (None, None)
     pid = os.fork()
     if pid == 0:  # child: only this function's code runs from here to exec
+        global _child_channel
+        if sync_r is not None:
+            os.close(sync_w)
+            _child_channel = (status_w, sync_r)
         _child(argv, env, cwd, stdio, new_session, controlling_tty, setup, status_r, status_w,
-               barrier_r, barrier_w)
+               barrier_r, barrier_w, pre_exec)
     os.close(status_w)
     if barrier_r is not None:
         os.close(barrier_r)
     if on_fork is not None:
         on_fork(pid)
     child = Child(pid, status_r, barrier_w)
+
+    def answer() -> None:
+        try:
+            write_id_maps(pid)
+            reply = b"M"
+        except OSError:
+            reply = b"X"
+        os.write(sync_w, reply)
+
     try:
-        report = _read_status(status_r, until_ready=hold)
+        report = _read_status(status_r, until_ready=hold, answer=answer if write_id_maps else None)
     except BaseException:
         child.close()
         raise
+    finally:
+        if sync_r is not None:
+            os.close(sync_r)
+            os.close(sync_w)
     if hold and report.startswith(b"R"):
         return child
     child.close()
@@ -115,7 +159,7 @@ def spawn(argv: list[str], env: dict[str, str], cwd: str, stdio: tuple[int, int,
 
 
 def _child(argv, env, cwd, stdio, new_session, controlling_tty, setup, status_r, status_w,
-           barrier_r, barrier_w) -> None:
+           barrier_r, barrier_w, pre_exec=None) -> None:
     step = "setup"
     try:
         os.close(status_r)
@@ -156,6 +200,9 @@ def _child(argv, env, cwd, stdio, new_session, controlling_tty, setup, status_r,
             if os.read(barrier_r, 1) != b"G":
                 raise StepFailed("barrier: never released")
             os.close(barrier_r)
+        if pre_exec is not None:
+            step = "pre-exec"
+            pre_exec()
         step = "exec"
         _exec_search(argv, env)
     except StepFailed as exc:

@@ -22,14 +22,20 @@ MS_REMOUNT = 0x20
 MS_BIND = 0x1000
 MS_MOVE = 0x2000
 MS_REC = 0x4000
-MS_SLAVE = 1 << 19
+MS_UNBINDABLE = 1 << 17
 MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MS_SHARED = 1 << 20
+MNT_DETACH = 2
+SYS_PIVOT_ROOT = 155  # x86_64
 MS_RELATIME = 1 << 21
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
 
 
 class Syscalls:
@@ -62,6 +68,13 @@ class Syscalls:
     def sethostname(self, name: str) -> None:
         raw = name.encode()
         self._check(self._libc.sethostname(raw, len(raw)), "sethostname")
+
+    def setdomainname(self, name: str) -> None:
+        raw = name.encode()
+        self._check(self._libc.setdomainname(raw, len(raw)), "setdomainname")
+
+    def pivot_root(self, new_root: str, put_old: str) -> None:
+        self._check(self._libc.syscall(SYS_PIVOT_ROOT, new_root.encode(), put_old.encode()), "pivot_root")
 
     def load_module(self, path: str) -> bool:
         """finit_module(2); returns False when the module was already loaded."""

@@ -20,7 +20,8 @@ def cmd_run(args) -> int:
 
     check_preserve_fds(args)
     st = store(args)
-    monitor = create(st, args.container_id, args.bundle, args.pid_file, args.console_socket, args.log)
+    monitor = create(st, args.container_id, args.bundle, args.pid_file, args.console_socket, args.log,
+                     no_pivot=args.no_pivot)
     try:
         start(st, args.container_id)
     except BaseException:

@@ -22,6 +22,7 @@ from ..errors import ConfigError, KataError
 from .exec_process import connect
 from .hooks import run_guest_hooks, run_hooks
 from .process_spec import agent_container_id
+from .share import remove_share_dir, share_dir_for
 from .spec import load_bundle
 from .state import (ContainerNotFound, ContainerState, StateStore, Status, process_start_time,
                     validate_id)
@@ -105,7 +106,8 @@ def _owner() -> str:
 
 
 def create(store: StateStore, container_id: str, bundle: str, pid_file: str | None = None,
-           console_socket: str | None = None, log_file: str | None = None) -> subprocess.Popen:
+           console_socket: str | None = None, log_file: str | None = None,
+           no_pivot: bool = False) -> subprocess.Popen:
     validate_id(container_id)
     bundle_dir, config, rootfs = load_bundle(bundle)
     process = config.get("process")
@@ -118,7 +120,7 @@ def create(store: StateStore, container_id: str, bundle: str, pid_file: str | No
     with store.lock(container_id, create=True):
         state = ContainerState(id=container_id, bundle=str(bundle_dir), rootfs=str(rootfs), owner=_owner(),
                                annotations=config.get("annotations", {}), terminal=bool(process.get("terminal")),
-                               config_hooks=config.get("hooks", {}))
+                               config_hooks=config.get("hooks", {}), no_pivot=no_pivot)
         store.save(state)
         try:
             proc, report = spawn_monitor(lambda fd: _monitor_argv(str(store.root), container_id, fd,
@@ -280,6 +282,7 @@ def _delete(store: StateStore, container_id: str, force: bool) -> None:
             _wait_monitor_exit(state, 5.0)
         if state.run_dir:
             shutil.rmtree(state.run_dir, ignore_errors=True)
+        remove_share_dir(share_dir_for(str(store.root), container_id))
         store.remove(container_id)
     run_hooks("poststop", state.config_hooks.get("poststop", []), dict(state.oci_state(), status="stopped"),
               fatal=False)

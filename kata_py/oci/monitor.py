@@ -51,29 +51,36 @@ def _stdio_fds(console) -> dict:
 
 async def run_container(args, report: StatusPipe) -> int:
     from ..image import ensure_image
+    from ..network import attach_container, configure_guest, detach_container
     from ..sandbox.process import ProcessSession
     from ..sandbox.sandbox import Sandbox, Share
     from .console import HostConsole
+    from .guest_spec import create_container_args
     from .hooks import run_guest_hooks
     from .process_spec import agent_container_id, process_args, vm_size
+    from .share import ROOTFS_ENTRY, ContainerShare, remove_share_dir, share_dir_for
     from .spec import load_bundle
 
     store = StateStore(args.root)
     state = store.load(args.id)
-    _, config, rootfs = load_bundle(state.bundle)
+    bundle, config, rootfs = load_bundle(state.bundle)
     process = config["process"]
     memory, cpus = vm_size(config)
     console = HostConsole() if process.get("terminal") else None
-    sandbox = Sandbox(ensure_image(progress=False), memory_mib=memory, cpus=cpus,
-                      shares=[Share("rootfs", rootfs, readonly=bool(config["root"].get("readonly")))],
-                      qmp_socket=True, name=f"kata-py-{args.id[:40]}")
+    share = ContainerShare(share_dir_for(args.root, args.id))
+    sandbox = None
+    network = None
     try:
-        await sandbox.start()
+        share.add(str(rootfs), name=ROOTFS_ENTRY)
         cid = agent_container_id(args.id)
-        await sandbox.agent.request("create_container", {
-            "container_id": cid, "mount_tag": "rootfs", "readonly": bool(config["root"].get("readonly")),
-            "resources": config.get("linux", {}).get("resources") or {},
-            "hostname": config.get("hostname", "")})
+        create_args = create_container_args(cid, config, str(bundle), share, no_pivot=state.no_pivot)
+        network = await attach_container(config, store.dir(args.id))
+        sandbox = Sandbox(ensure_image(progress=False), memory_mib=memory, cpus=cpus,
+                          shares=[Share("rootfs", share.path)], qmp_socket=True, name=f"kata-py-{args.id[:40]}",
+                          nics=network.nics)
+        await sandbox.start()
+        await configure_guest(network, sandbox.agent)
+        await sandbox.agent.request("create_container", create_args)
         spec = process_args(process)
         if console is not None:
             console.send_master(args.console_socket)
@@ -97,9 +104,13 @@ async def run_container(args, report: StatusPipe) -> int:
         status = await session.relay_and_wait()
     except BaseException as exc:
         report.send("error", str(exc) if isinstance(exc, KataError) else repr(exc))
-        await sandbox.stop()
         raise
-    await sandbox.stop()
+    finally:
+        if sandbox is not None:
+            await sandbox.stop()
+        if network is not None:
+            await detach_container(network)
+        remove_share_dir(share.path)
     _record_exit(store, args.id, status)
     return status
 
@@ -142,6 +153,11 @@ def main(argv: list[str] | None = None) -> None:
                             format="%(asctime)s monitor %(levelname)s %(message)s")
     report = StatusPipe(args.status_fd)
     try:
+        if not args.process_json:
+            # Before any thread exists: the container's share mounts live and die
+            # with this process and its QEMU (see share.py).
+            from .share import enter_private_mount_namespace
+            enter_private_mount_namespace()
         runner = run_exec if args.process_json else run_container
         status = asyncio.run(runner(args, report))
     except KataError as exc:

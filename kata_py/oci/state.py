@@ -138,6 +138,7 @@ class ContainerState:
     terminal: bool = False
     exit_status: int | None = None
     config_hooks: dict = field(default_factory=dict)
+    no_pivot: bool = False           # create --no-pivot: MS_MOVE + chroot instead of pivot_root
 
     def live_status(self) -> Status:
         status = Status(self.status)

@@ -43,7 +43,10 @@ class Share:
         # root expects; the export is confined to `path` by QEMU.
         # QEMU option values escape a comma by doubling it; a bundle path may hold one.
         path = str(self.path).replace(",", ",,")
-        fsdev = f"local,id=fs-{self.tag},path={path},security_model=passthrough"
+        # multidevs=remap: the export spans several host mounts (a container's
+        # share binds its rootfs and bind sources), whose inode numbers must not
+        # collide in the guest.
+        fsdev = f"local,id=fs-{self.tag},path={path},security_model=passthrough,multidevs=remap"
         if self.readonly:
             fsdev += ",readonly=on"
         device = "virtio-9p-device" if bus == "mmio" else "virtio-9p-pci"
@@ -61,7 +64,7 @@ class BootTimes:
 class Sandbox:
     def __init__(self, image, memory_mib: int = 128, cpus: int = 1, machine: str = "microvm",
                  accel: str | None = None, name: str | None = None, shares: list[Share] = (),
-                 qmp_socket: bool = False) -> None:
+                 qmp_socket: bool = False, nics: list = ()) -> None:
         self.image = image
         self.memory_mib = memory_mib
         self.cpus = cpus
@@ -69,6 +72,7 @@ class Sandbox:
         self.accel = accel
         self.name = name
         self.shares = list(shares)
+        self.nics = list(nics)      # kata_py.network.GuestNic: a tap fd each, which QEMU inherits
         self.qmp_socket = qmp_socket
         self.run_dir: Path | None = None
         self.transport = None
@@ -104,6 +108,9 @@ class Sandbox:
             config.extra_args += self.transport.qemu_args(config.bus)
             for share in self.shares:
                 config.extra_args += share.qemu_args(config.bus)
+            for nic in self.nics:
+                config.extra_args += nic.qemu_args(config.bus)
+                config.pass_fds.append(nic.fd)
             if self.qmp_socket:
                 # A second monitor for other processes (pause/resume from the CLI).
                 config.extra_args += ["-qmp", f"unix:{self.run_dir / 'qmp.sock'},server=on,wait=off"]

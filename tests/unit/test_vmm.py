@@ -86,7 +86,7 @@ def test_share_arguments_escape_commas_and_honour_readonly():
     from kata_py.sandbox.sandbox import Share
 
     args = Share("rootfs", Path("/bundles/a,b/rootfs"), readonly=True).qemu_args("mmio")
-    assert args[1] == "local,id=fs-rootfs,path=/bundles/a,,b/rootfs,security_model=passthrough,readonly=on"
+    assert args[1] == "local,id=fs-rootfs,path=/bundles/a,,b/rootfs,security_model=passthrough,multidevs=remap,readonly=on"
     assert args[3] == "virtio-9p-device,fsdev=fs-rootfs,mount_tag=rootfs"
     assert Share("r", Path("/x")).qemu_args("pci")[3].startswith("virtio-9p-pci,")
     assert "readonly" not in Share("r", Path("/x")).qemu_args("pci")[1]

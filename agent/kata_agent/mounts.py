@@ -1,0 +1,225 @@
+"""A container's filesystem view, built inside the guest from the OCI spec.
+
+Everything here runs in the container init's forked child, in its new mount
+namespace, before pivot_root: `root` is the container's rootfs as the agent
+sees it. Destinations are resolved inside `root` the way the container will
+see them (a symlink in the rootfs is followed as if `root` were `/`), so a
+hostile image cannot point a mount outside its own root.
+
+The functions take the syscall object so that unit tests can record the
+calls with a fake instead of mounting.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from .syscalls import (MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC, MS_RELATIME,
+                       MS_REMOUNT, MS_SHARED, MS_SLAVE, MS_UNBINDABLE)
+
+MS_SYNCHRONOUS = 0x10
+MS_MANDLOCK = 0x40
+MS_DIRSYNC = 0x80
+MS_NOSYMFOLLOW = 0x100
+MS_NOATIME = 0x400
+MS_NODIRATIME = 0x800
+MS_SILENT = 0x8000
+MS_STRICTATIME = 1 << 24
+MS_LAZYTIME = 1 << 25
+
+ELOOP = 40
+MAX_SYMLINKS = 40
+
+# option -> (flags to clear, flags to set)
+FLAG_OPTIONS = {
+    "ro": (0, MS_RDONLY), "rw": (MS_RDONLY, 0),
+    "nosuid": (0, MS_NOSUID), "suid": (MS_NOSUID, 0),
+    "nodev": (0, MS_NODEV), "dev": (MS_NODEV, 0),
+    "noexec": (0, MS_NOEXEC), "exec": (MS_NOEXEC, 0),
+    "sync": (0, MS_SYNCHRONOUS), "async": (MS_SYNCHRONOUS, 0),
+    "dirsync": (0, MS_DIRSYNC),
+    "mand": (0, MS_MANDLOCK), "nomand": (MS_MANDLOCK, 0),
+    "atime": (MS_NOATIME, 0), "noatime": (0, MS_NOATIME),
+    "diratime": (MS_NODIRATIME, 0), "nodiratime": (0, MS_NODIRATIME),
+    "relatime": (0, MS_RELATIME), "norelatime": (MS_RELATIME, 0),
+    "strictatime": (0, MS_STRICTATIME), "nostrictatime": (MS_STRICTATIME, 0),
+    "lazytime": (0, MS_LAZYTIME), "nolazytime": (MS_LAZYTIME, 0),
+    "nosymfollow": (0, MS_NOSYMFOLLOW), "symfollow": (MS_NOSYMFOLLOW, 0),
+    "silent": (0, MS_SILENT), "loud": (MS_SILENT, 0),
+    "remount": (0, MS_REMOUNT),
+    "bind": (0, MS_BIND), "rbind": (0, MS_BIND | MS_REC),
+}
+PROPAGATION_OPTIONS = {
+    "private": MS_PRIVATE, "rprivate": MS_PRIVATE | MS_REC,
+    "shared": MS_SHARED, "rshared": MS_SHARED | MS_REC,
+    "slave": MS_SLAVE, "rslave": MS_SLAVE | MS_REC,
+    "unbindable": MS_UNBINDABLE, "runbindable": MS_UNBINDABLE | MS_REC,
+}
+# Options runtimes or engines add that are not for the kernel.
+IGNORED_OPTIONS = {"tmpcopyup", "notmpcopyup", "copy-symlink", "z", "Z", "U", "defaults", "newinstance-only"}
+# Flags a bind remount can change per mount point.
+BIND_REMOUNT_FLAGS = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_NOATIME | MS_NODIRATIME | MS_RELATIME \
+    | MS_STRICTATIME | MS_NOSYMFOLLOW
+ST_FLAGS_KEPT = MS_NOSUID | MS_NODEV | MS_NOEXEC  # statvfs f_flag bits equal the MS_ ones for these
+
+
+class MountError(OSError):
+    """A spec mount that cannot be made; the message names the destination."""
+
+
+def parse_options(options) -> tuple[int, list[int], str]:
+    """(mount flags, propagation flags in order, data string) for an OCI options list."""
+    flags = 0
+    propagation = []
+    data = []
+    for option in options or ():
+        if option in FLAG_OPTIONS:
+            clear, set_ = FLAG_OPTIONS[option]
+            flags = (flags & ~clear) | set_
+        elif option in PROPAGATION_OPTIONS:
+            propagation.append(PROPAGATION_OPTIONS[option])
+        elif option in IGNORED_OPTIONS or option.startswith("x-"):
+            continue
+        else:
+            data.append(option)
+    return flags, propagation, ",".join(data)
+
+
+def secure_join(root: str, path: str) -> str:
+    """`root` + `path`, following symlinks as if `root` were `/`.
+
+    A component that does not exist yet ends the symlink walk: the rest is
+    taken literally (it will be created inside `root`).
+    """
+    pending = [part for part in path.split("/") if part not in ("", ".")]
+    resolved: list[str] = []
+    links = 0
+    while pending:
+        part = pending.pop(0)
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        candidate = root + "/" + "/".join(resolved + [part])
+        try:
+            mode = os.lstat(candidate).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            resolved.append(part)
+            continue
+        if not stat.S_ISLNK(mode):
+            resolved.append(part)
+            continue
+        links += 1
+        if links > MAX_SYMLINKS:
+            raise MountError(ELOOP, f"{path}: too many levels of symbolic links")
+        target = os.readlink(candidate)
+        if target.startswith("/"):
+            resolved = []
+        pending[0:0] = [p for p in target.split("/") if p not in ("", ".")]
+    return root + ("/" + "/".join(resolved) if resolved else "")
+
+
+def make_mount_point(target: str, file_source: bool) -> None:
+    """Create a directory (or an empty file, for a file bind) to mount on."""
+    if os.path.lexists(target):
+        return
+    if file_source:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
+    else:
+        os.makedirs(target, exist_ok=True)
+
+
+def mount_one(sys_, root: str, mount: dict, source: str) -> str:
+    """Make one spec mount under `root`; return its resolved target.
+
+    `source` is where the data comes from in the guest (a path for a bind,
+    the mount's own source otherwise).
+    """
+    destination = mount["destination"]
+    flags, propagation, data = parse_options(mount.get("options"))
+    fstype = mount.get("type") or ""
+    if fstype == "bind":
+        flags |= MS_BIND
+    if fstype == "cgroup":  # the guest runs cgroup v2 only, as runc does on a v2 host
+        fstype, data = "cgroup2", ""
+    target = secure_join(root, destination)
+    bind = bool(flags & MS_BIND)
+    try:
+        make_mount_point(target, bind and not os.path.isdir(source))
+        if bind:
+            sys_.mount(source, target, "", flags & (MS_BIND | MS_REC))
+            wanted = flags & BIND_REMOUNT_FLAGS
+            if wanted:
+                # A bind takes no flags of its own: remount it with them, keeping
+                # the lock-in flags the source already had.
+                kept = os.statvfs(target).f_flag & ST_FLAGS_KEPT
+                sys_.mount("", target, "", MS_REMOUNT | MS_BIND | wanted | kept)
+        else:
+            sys_.mount(source or fstype, target, fstype, flags & ~(MS_BIND | MS_REC), data)
+        for prop in propagation:
+            sys_.mount("", target, "", prop)
+    except OSError as exc:
+        raise MountError(exc.errno or 0, f"mount {destination} ({fstype or 'bind'}): "
+                                         f"{os.strerror(exc.errno) if exc.errno else exc}") from None
+    return target
+
+
+# The devices every container gets (runc's list): path, major, minor.
+DEFAULT_DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9),
+                   ("tty", 5, 0))
+DEFAULT_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                 ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx"))
+DEVICE_TYPES = {"c": stat.S_IFCHR, "u": stat.S_IFCHR, "b": stat.S_IFBLK, "p": stat.S_IFIFO}
+
+
+def make_devices(root: str, devices) -> None:
+    """The default devices and `linux.devices` in the container's /dev."""
+    dev = secure_join(root, "/dev")
+    for name, major, minor in DEFAULT_DEVICES:
+        path = f"{dev}/{name}"
+        if not os.path.lexists(path):
+            os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+            os.chmod(path, 0o666)  # mknod obeys the umask
+    for name, target in DEFAULT_LINKS:
+        path = f"{dev}/{name}"
+        if not os.path.lexists(path):
+            os.symlink(target, path)
+    for device in devices or ():
+        path = secure_join(root, device["path"])
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        mode = device.get("file_mode", 0o666) & 0o7777
+        if os.path.lexists(path):
+            os.unlink(path)
+        os.mknod(path, mode | DEVICE_TYPES[device["type"]],
+                 os.makedev(device.get("major", 0), device.get("minor", 0)))
+        os.chmod(path, mode)
+        os.chown(path, device.get("uid", 0), device.get("gid", 0))
+
+
+def mask_path(sys_, root: str, path: str) -> None:
+    """Make a path unreadable: /dev/null over a file, an empty read-only tmpfs over a directory."""
+    target = secure_join(root, path)
+    try:
+        is_dir = os.path.isdir(target)
+        if not os.path.lexists(target):
+            return
+        if is_dir:
+            sys_.mount("tmpfs", target, "tmpfs", MS_RDONLY)
+        else:
+            sys_.mount("/dev/null", target, "", MS_BIND)
+    except OSError as exc:
+        raise MountError(exc.errno or 0, f"masking {path}: {os.strerror(exc.errno or 0)}") from None
+
+
+def readonly_path(sys_, root: str, path: str) -> None:
+    target = secure_join(root, path)
+    if not os.path.lexists(target):
+        return
+    try:
+        sys_.mount(target, target, "", MS_BIND | MS_REC)
+        kept = os.statvfs(target).f_flag & ST_FLAGS_KEPT
+        sys_.mount("", target, "", MS_REMOUNT | MS_BIND | MS_RDONLY | kept)
+    except OSError as exc:
+        raise MountError(exc.errno or 0, f"read-only {path}: {os.strerror(exc.errno or 0)}") from None
