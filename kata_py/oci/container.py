@@ -142,6 +142,7 @@ def create(store: StateStore, container_id: str, bundle: str, pid_file: str | No
             if pid_file:
                 _write_pid_file(pid_file, proc.pid)
         except BaseException:
+            _undo_network(store, container_id)
             store.remove(container_id)
             raise
     return proc
@@ -258,6 +259,7 @@ def delete(store: StateStore, container_id: str, force: bool = False) -> None:
         # As runc: a directory left by an aborted create goes; and with --force
         # a container that is already gone is not an error (containerd's shim
         # cleans up with `delete --force` after the fact).
+        _undo_network(store, container_id)
         store.remove(container_id)
         if not force:
             raise
@@ -282,10 +284,20 @@ def _delete(store: StateStore, container_id: str, force: bool) -> None:
             _wait_monitor_exit(state, 5.0)
         if state.run_dir:
             shutil.rmtree(state.run_dir, ignore_errors=True)
+        _undo_network(store, container_id)
         remove_share_dir(share_dir_for(str(store.root), container_id))
         store.remove(container_id)
     run_hooks("poststop", state.config_hooks.get("poststop", []), dict(state.oci_state(), status="stopped"),
               fatal=False)
+
+
+def _undo_network(store: StateStore, container_id: str) -> None:
+    """What the monitor made in the container's network namespace, if it
+    could not remove it itself (killed): its record is in the state dir."""
+    from ..network import RECORD_NAME, detach_container_recorded
+
+    if (store.dir(container_id) / RECORD_NAME).exists():
+        detach_container_recorded(store.dir(container_id))
 
 
 def _qmp(state: ContainerState, command: str) -> None:

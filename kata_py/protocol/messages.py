@@ -59,6 +59,34 @@ RESOURCES = {"type": "object", "properties": {
                                                              "maximum": 1000}}},
 }}
 
+# configure_network: the guest NICs (matched by MAC), their addresses and
+# routes, and the files the container gets as /etc/hosts, /etc/resolv.conf
+# and /etc/hostname.
+MAX_NICS = 8
+MAX_NET_FILE = 64 * 1024
+_ip = {"type": "string", "minLength": 2, "maxLength": 45, "pattern": "^[0-9A-Fa-f:.]+\\Z"}
+_ifname = {"type": "string", "minLength": 1, "maxLength": 15, "pattern": "^[A-Za-z0-9_.-]+\\Z"}
+_mac = {"type": "string", "pattern": "^[0-9a-f]{2}(:[0-9a-f]{2}){5}\\Z"}
+NIC = _obj({
+    "name": _ifname,
+    "mac": _mac,
+    "mtu": {"type": "integer", "minimum": 68, "maximum": 65535},
+    "addresses": {"type": "array", "maxItems": 64, "items": _obj({
+        "address": _ip, "prefix_len": {"type": "integer", "minimum": 0, "maximum": 128}},
+        required=["address", "prefix_len"])},
+    # Without dst: the default route. scope defaults to link without a gateway.
+    "routes": {"type": "array", "maxItems": 256, "items": _obj({
+        "dst": _ip, "dst_len": {"type": "integer", "minimum": 0, "maximum": 128},
+        "gateway": _ip, "source": _ip, "metric": _uint32,
+        "scope": {"enum": ["universe", "link", "host"]}, "onlink": {"type": "boolean"}})},
+}, required=["name", "mac", "mtu"])
+CONFIGURE_NETWORK = _obj({
+    "interfaces": {"type": "array", "maxItems": MAX_NICS, "items": NIC},
+    "hosts": {"type": "string", "maxLength": MAX_NET_FILE},
+    "resolv_conf": {"type": "string", "maxLength": MAX_NET_FILE},
+    "hostname": {"type": "string", "maxLength": 64},
+}, required=["interfaces", "hosts", "resolv_conf"])
+
 # type -> (args schema, result schema)
 REQUESTS: dict[str, tuple[dict, dict]] = {
     "ping": (_empty, _obj({
@@ -123,6 +151,9 @@ REQUESTS: dict[str, tuple[dict, dict]] = {
                         "oom_kill": _uint64, "anon": _uint64, "file": _uint64}),
         "pids": _obj({"current": _uint64, "limit": _uint64_or_max}),
     }, required=["cpu", "memory", "pids"])),
+    "configure_network": (CONFIGURE_NETWORK, _obj({"interfaces": {"type": "array", "maxItems": MAX_NICS, "items": _obj({
+        "name": _ifname, "mac": _mac, "index": {"type": "integer", "minimum": 1, "maximum": 2**31 - 1}},
+        required=["name", "mac", "index"])}}, required=["interfaces"])),
     "shutdown": (_empty, _empty),
 }
 

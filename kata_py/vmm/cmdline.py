@@ -26,6 +26,7 @@ class VMConfig:
     machine: str = "microvm"
     kernel_args: list[str] = field(default_factory=list)
     extra_args: list[str] = field(default_factory=list)   # devices from other layers (vsock, net, fs)
+    pass_fds: list[int] = field(default_factory=list)     # fds QEMU inherits, named in extra_args (taps)
     name: str = "kata-py"
 
     @property

@@ -83,7 +83,8 @@ class QemuMachine:
             with open(self.stderr_log, "wb") as err:
                 self.process = await asyncio.create_subprocess_exec(
                     *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=err, stderr=err,
-                    pass_fds=[theirs.fileno()], preexec_fn=_die_with_parent, start_new_session=True)
+                    pass_fds=[theirs.fileno(), *self.config.pass_fds], preexec_fn=_die_with_parent,
+                    start_new_session=True)
             theirs.close()
             self.qmp = QMPClient(self.config.name)
             connect = asyncio.ensure_future(self.qmp.connect(ours))
