@@ -369,6 +369,7 @@ class Backend:
                     break
                 if chain.writable_len < HDR_SIZE:
                     self.log(f"rx: buffer of {chain.writable_len} bytes cannot hold a header")
+                    chain.release()
                     q.push_used(chain.head, 0)
                     continue
                 pkt = mux.next_packet(chain.writable_len - HDR_SIZE)
@@ -376,10 +377,20 @@ class Backend:
                     chain.release()
                     q.unpop()
                     break
-                n = chain.write(pkt.hdr.pack(), pkt.payload)
-                chain.release()
-                q.push_used(chain.head, n)
                 conn = mux.conns.get((pkt.hdr.src_port, pkt.hdr.dst_port))
+                try:
+                    n = chain.write(pkt.hdr.pack(), pkt.payload)
+                except ChainError as e:
+                    # next_packet sizes the payload to the buffer, so this is our bug;
+                    # the buffer still goes back, and the stream that lost a packet is
+                    # reset rather than left with a hole in it.
+                    self.log(f"rx: packet does not fit its buffer: {e}")
+                    n = 0
+                    if conn is not None:
+                        conn.reset("internal error: rx packet lost")
+                finally:
+                    chain.release()
+                q.push_used(chain.head, n)
                 if conn is not None:
                     self.touched.add(conn)
         except RingError as e:

@@ -6,16 +6,24 @@ bounds-checked translation; a bad chain is reported as ChainError (the caller ha
 head back with zero length and goes on), a ring whose indices make no sense is reported
 as RingError (the caller stops serving that queue until QEMU restarts it).
 
-Ordering: x86 keeps stores in program order and loads in program order, and every
-ring access below goes through a single memcpy-like store or load, so reading the
+Ordering: x86 keeps stores in program order and loads in program order, so reading the
 avail index before the entries it publishes, and writing used entries before the used
 index, needs no explicit fences on the hosts this runs on.
+
+Atomicity: the driver runs concurrently in another process (a vCPU), so the 16-bit ring
+indices and flags must be read and written with one 16-bit load or store. struct's
+little-endian ("<H") packers go byte by byte; a driver reading the used index while it
+moves from 0x00FF to 0x0100 could then see 0x0000 and take 65281 stale entries as new
+(Linux marks the queue broken: "id N is not a head"), and we could see a torn avail
+index and stop the ring. Those fields therefore go through native "H" memoryviews,
+whose item get/set is a single aligned 16-bit access.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+import sys
 from dataclasses import dataclass, field
 
 from .memory import GuestMemory, GuestMemoryError
@@ -31,8 +39,13 @@ MAX_QUEUE_SIZE = 32768
 DEFAULT_MAX_CHAIN_BYTES = 1 << 20
 
 _DESC = struct.Struct("<QIHH")
-_U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+def _le16(value: int) -> int:
+    """A ring's little-endian u16 as a native "H" item holds it, and back."""
+    return value if _LITTLE_ENDIAN else ((value >> 8) | (value << 8)) & 0xFFFF
 
 
 class VirtqueueError(Exception):
@@ -132,18 +145,22 @@ class VirtQueue:
             self._used = get(used_addr, 6 + 8 * size)
         except GuestMemoryError as e:
             raise RingError(f"ring outside guest memory: {e}") from None
+        # Word views for the fields the driver changes under us: item 0 is flags, item 1
+        # the index, items 2.. the avail ring entries (see Atomicity above).
+        self._avail16 = self._avail.cast("H")
+        self._used16 = self._used.cast("H")
         self.last_avail_idx = last_avail_idx & 0xFFFF
         self._shadow_avail = self.last_avail_idx
         # Continue from what the ring already shows, so a restarted queue does not
         # rewind the driver's view of completed buffers.
-        self.used_idx = _U16.unpack_from(self._used, 2)[0]
+        self.used_idx = _le16(self._used16[1])
         self._pending_used = 0
         self._unsignalled = False
 
     # -- available side ----------------------------------------------------
 
     def _avail_idx(self) -> int:
-        idx = _U16.unpack_from(self._avail, 2)[0]
+        idx = _le16(self._avail16[1])
         if (idx - self.last_avail_idx) & 0xFFFF > self.size:
             raise RingError(
                 f"avail index {idx} is more than {self.size} ahead of {self.last_avail_idx}")
@@ -160,7 +177,7 @@ class VirtQueue:
         if not self.has_available():
             return None
         slot = self.last_avail_idx % self.size
-        head = _U16.unpack_from(self._avail, 4 + 2 * slot)[0]
+        head = _le16(self._avail16[2 + slot])
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         if head >= self.size:
             # Not a valid id, so it cannot even be handed back.
@@ -229,7 +246,7 @@ class VirtQueue:
             return False
         self.used_idx = (self.used_idx + self._pending_used) & 0xFFFF
         self._pending_used = 0
-        _U16.pack_into(self._used, 2, self.used_idx)
+        self._used16[1] = _le16(self.used_idx)
         self._unsignalled = True
         return True
 
@@ -238,15 +255,15 @@ class VirtQueue:
         if not self._unsignalled:
             return False
         self._unsignalled = False
-        flags = _U16.unpack_from(self._avail, 0)[0]
+        flags = _le16(self._avail16[0])
         return not flags & VRING_AVAIL_F_NO_INTERRUPT
 
     def set_no_notify(self, on: bool) -> None:
         """Ask the driver not to kick while we are draining the ring anyway."""
-        _U16.pack_into(self._used, 0, VRING_USED_F_NO_NOTIFY if on else 0)
+        self._used16[0] = _le16(VRING_USED_F_NO_NOTIFY if on else 0)
 
     def release(self) -> None:
-        for v in (self._desc, self._avail, self._used):
+        for v in (self._avail16, self._used16, self._desc, self._avail, self._used):
             v.release()
 
 

@@ -249,3 +249,67 @@ def test_write_into_read_only_chain_is_refused():
     with pytest.raises(ChainError):
         chain.write(b"x")
     assert bytes(r.buf[DATA:DATA + 8]) == b"readonly"
+
+
+# -- ring indices shared with a concurrent driver ---------------------------
+
+def _concurrent_driver(shared, body) -> int:
+    """Run body(words) over and over in a forked "driver" until _finish(); its pid.
+
+    body returns how many bad things it saw; the child exits with the total (capped).
+    The child uses its own native "H" view, i.e. single 16-bit accesses, as a real
+    driver's READ_ONCE/WRITE_ONCE do.
+    """
+    stop = len(shared) - 8
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        count = 0
+        try:
+            words = memoryview(shared).cast("H")
+            os.write(ready_w, b"x")
+            while shared[stop] == 0:
+                count += body(words)
+        finally:
+            os._exit(min(count, 255))
+    os.read(ready_r, 1)
+    os.close(ready_r)
+    os.close(ready_w)
+    return pid
+
+
+def _finish(shared, pid) -> int:
+    shared[len(shared) - 8] = 1
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_used_index_is_published_with_one_16bit_store():
+    """Regression: the used index went out byte by byte (struct "<H"), so a driver
+    reading it while it moved 0x00FF -> 0x0100 saw 0x0000 and reaped 65281 stale
+    entries (the fake driver's KeyError in the 64 MiB hybrid test)."""
+    import mmap
+
+    shared = mmap.mmap(-1, MEM)
+    mem = GuestMemory.from_buffer(shared, guest_addr=GPA, user_addr=UVA)
+    struct.pack_into("<H", shared, USED + 2, 0x00FF)
+    q = VirtQueue(mem, QSIZE, UVA + DESC, UVA + AVAIL, UVA + USED)
+    used_idx = (USED + 2) // 2
+
+    def reader(words):
+        return 1 if words[used_idx] not in (0x00FF, 0x0100) else 0
+
+    pid = _concurrent_driver(shared, reader)
+    try:
+        for _ in range(50000):
+            q.used_idx = 0x00FE
+            q.push_used(0, 0)
+            q.flush_used()          # 0x00FF
+            q.push_used(0, 0)
+            q.flush_used()          # 0x0100: both bytes change
+    finally:
+        torn = _finish(shared, pid)
+    q.release()
+    mem.close()
+    assert torn == 0, f"the driver saw {torn}+ torn used indices"
+
