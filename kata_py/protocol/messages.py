@@ -87,6 +87,48 @@ CONFIGURE_NETWORK = _obj({
     "hostname": {"type": "string", "maxLength": 64},
 }, required=["interfaces", "hosts", "resolv_conf"])
 
+# The process-level fields of an OCI process (agent/kata_agent/credentials.py).
+RLIMIT_TYPES = ("RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_DATA", "RLIMIT_STACK", "RLIMIT_CORE", "RLIMIT_RSS",
+                "RLIMIT_NPROC", "RLIMIT_NOFILE", "RLIMIT_MEMLOCK", "RLIMIT_AS", "RLIMIT_LOCKS", "RLIMIT_SIGPENDING",
+                "RLIMIT_MSGQUEUE", "RLIMIT_NICE", "RLIMIT_RTPRIO", "RLIMIT_RTTIME")
+CAP_SETS = ("bounding", "effective", "inheritable", "permitted", "ambient")
+_cap_names = {"type": "array", "maxItems": 64,
+              "items": {"type": "string", "maxLength": 64, "pattern": "^CAP_[A-Z_]+\\Z"}}
+PROCESS_SECURITY = {
+    "umask": {"type": "integer", "minimum": 0, "maximum": 0o7777},
+    "rlimits": {"type": "array", "maxItems": 64, "items": _obj(
+        {"type": {"enum": list(RLIMIT_TYPES)}, "soft": _uint64, "hard": _uint64}, required=["type", "soft", "hard"])},
+    "capabilities": _obj({name: _cap_names for name in CAP_SETS}),
+    "no_new_privileges": {"type": "boolean"},
+    "oom_score_adj": {"type": "integer", "minimum": -1000, "maximum": 1000},
+}
+
+# OCI linux.seccomp, compiled in the agent (agent/kata_agent/seccomp.py), which
+# names the actions, operators, architectures and flags it knows: the patterns
+# here only bound the strings.
+MAX_SECCOMP_RULES = 1024
+MAX_SECCOMP_NAMES = 1024
+_seccomp_errno = {"type": "integer", "minimum": 0, "maximum": 65535}
+_seccomp_action = {"type": "string", "maxLength": 64, "pattern": "^SCMP_ACT_[A-Z_]+\\Z"}
+SECCOMP = _obj({
+    "defaultAction": _seccomp_action,
+    "defaultErrnoRet": _seccomp_errno,
+    "architectures": {"type": "array", "maxItems": 32,
+                      "items": {"type": "string", "maxLength": 64, "pattern": "^SCMP_ARCH_[A-Z0-9_]+\\Z"}},
+    "flags": {"type": "array", "maxItems": 16,
+              "items": {"type": "string", "maxLength": 64, "pattern": "^SECCOMP_FILTER_FLAG_[A-Z_]+\\Z"}},
+    "syscalls": {"type": "array", "maxItems": MAX_SECCOMP_RULES, "items": _obj({
+        "names": {"type": "array", "minItems": 1, "maxItems": MAX_SECCOMP_NAMES,
+                  "items": {"type": "string", "minLength": 1, "maxLength": 64}},
+        "action": _seccomp_action,
+        "errnoRet": _seccomp_errno,
+        "args": {"type": "array", "maxItems": 6, "items": _obj({
+            "index": {"type": "integer", "minimum": 0, "maximum": 5},
+            "value": _uint64, "valueTwo": _uint64,
+            "op": {"type": "string", "maxLength": 32, "pattern": "^SCMP_CMP_[A-Z_]+\\Z"}}, required=["index", "op"])},
+    }, required=["names", "action"])},
+}, required=["defaultAction"])
+
 # type -> (args schema, result schema)
 REQUESTS: dict[str, tuple[dict, dict]] = {
     "ping": (_empty, _obj({
@@ -111,6 +153,7 @@ REQUESTS: dict[str, tuple[dict, dict]] = {
         "user": _obj({"uid": _uint32, "gid": _uint32,
                       "additional_gids": {"type": "array", "maxItems": 256, "items": _uint32}},
                      required=["uid", "gid"]),
+        **PROCESS_SECURITY,
     }, required=["process_id", "argv"]), _empty),
     "create_container": (_obj({
         "container_id": _process_id,
@@ -118,6 +161,7 @@ REQUESTS: dict[str, tuple[dict, dict]] = {
         "mount_tag": {"type": "string", "minLength": 1, "maxLength": 31, "pattern": "^[A-Za-z0-9_.-]+$"},
         "readonly": {"type": "boolean"},
         "hostname": {"type": "string", "maxLength": 64},
+        "seccomp": SECCOMP,
     }, required=["container_id", "mount_tag"]), _empty),
     # Fork the process and set it up, but hold it before exec until start_process.
     "prepare_process": (_obj({"process_id": _process_id}, required=["process_id"]),

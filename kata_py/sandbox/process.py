@@ -85,7 +85,8 @@ class ProcessSession:
     def __init__(self, sandbox, argv: list[str], env: list[str] | None = None, cwd: str = "/",
                  stdin_fd: int | None = 0, stdout_fd: int | None = 1, stderr_fd: int | None = 2,
                  tty: bool = False, rows: int = 0, cols: int = 0, container_id: str | None = None,
-                 init: bool = False, user: dict | None = None, process_id: str | None = None) -> None:
+                 init: bool = False, user: dict | None = None, process_id: str | None = None,
+                 security: dict | None = None) -> None:
         self.sandbox = sandbox
         self.process_id = process_id or "p-" + secrets.token_hex(6)
         self.fds = {"stdin": stdin_fd, "stdout": stdout_fd, "stderr": None if tty else stderr_fd}
@@ -98,6 +99,8 @@ class ProcessSession:
             self.args.update(container_id=container_id, init=init)
         if user is not None:
             self.args["user"] = user
+        if security:  # umask, rlimits, capabilities, no_new_privileges, oom_score_adj
+            self.args.update(security)
         self.connections: dict[str, tuple] = {}
         self.pid: int | None = None
 

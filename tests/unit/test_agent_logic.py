@@ -169,3 +169,43 @@ def test_no_agent_fds_leak_into_children(agent):
     status, out, _ = _pipe_run(agent, ["sh", "-c", "ls /proc/self/fd | sort -n | tr '\\n' ' '"])
     assert status == 0
     assert out.split() == [b"0", b"1", b"2", b"3"]  # 3 is ls's own directory handle
+
+
+def test_process_security_fields_apply(agent):
+    # umask and rlimits through create_process (caps and users: test_agent_credentials.py).
+    status, out, err = _pipe_run_with(agent, ["sh", "-c", "umask; ulimit -n; ulimit -Hn"],
+                                      security={"umask": 0o027, "rlimits": [
+                                          {"type": "RLIMIT_NOFILE", "soft": 100, "hard": 200}]})
+    assert (status, out, err) == (0, b"0027\n100\n200\n", b"")
+
+
+def test_invalid_security_fields_are_refused(agent):
+    async def go(client, sb):
+        codes = []
+        for fields in ({"capabilities": {"bounding": ["CAP_NOT_ONE"]}},
+                       {"rlimits": [{"type": "RLIMIT_NOFILE", "soft": 2, "hard": 1}]},
+                       {"umask": 0o10000}):
+            with pytest.raises(AgentRequestError) as info:
+                await client.request("create_process", {"process_id": "x", "argv": ["true"], **fields})
+            codes.append(info.value.code)
+        return codes
+    assert run(_session(agent, go)) == ["invalid"] * 3
+
+
+def _pipe_run_with(agent, argv, security):
+    r_out, w_out = os.pipe()
+    r_err, w_err = os.pipe()
+    chunks = {"out": [], "err": []}
+
+    async def go(client, sb):
+        loop = asyncio.get_running_loop()
+        readers = [loop.run_in_executor(None, _drain, r_out, chunks["out"]),
+                   loop.run_in_executor(None, _drain, r_err, chunks["err"])]
+        status = await run_process(sb, argv, stdin_fd=None, stdout_fd=w_out, stderr_fd=w_err, security=security)
+        os.close(w_out)
+        os.close(w_err)
+        await asyncio.gather(*readers)
+        return status
+
+    status = run(_session(agent, go))
+    return status, b"".join(chunks["out"]), b"".join(chunks["err"])

@@ -72,6 +72,24 @@ SAMPLES = [
     {"id": 1, "ok": True, "result": {"exit_code": None, "signal": 9}},
     {"id": 1, "ok": True, "result": {"exit_code": 256, "signal": None}},
     {"ok": False, "error": {"code": "invalid", "message": "m"}}, {"ok": True},
+    {"id": 1, "type": "create_process", "args": {"process_id": "a", "argv": ["x"], "umask": 0o10000}},
+    {"id": 1, "type": "create_process", "args": {
+        "process_id": "a", "argv": ["x"], "umask": 0o022, "oom_score_adj": -1000, "no_new_privileges": True,
+        "rlimits": [{"type": "RLIMIT_NOFILE", "soft": 1, "hard": 2}],
+        "capabilities": {"bounding": ["CAP_KILL"], "ambient": []}}},
+    {"id": 1, "type": "create_process", "args": {"process_id": "a", "argv": ["x"],
+                                                 "rlimits": [{"type": "RLIMIT_NOPE", "soft": 1, "hard": 2}]}},
+    {"id": 1, "type": "create_process", "args": {"process_id": "a", "argv": ["x"],
+                                                 "capabilities": {"bounding": ["CAP_KILL\n"]}}},
+    {"id": 1, "type": "create_process", "args": {"process_id": "a", "argv": ["x"], "oom_score_adj": 1001}},
+    {"id": 1, "type": "create_container", "args": {"container_id": "c", "mount_tag": "t", "seccomp": {
+        "defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1,
+                                                         "args": [{"index": 1, "value": 2**64 - 1, "op": "SCMP_CMP_EQ"}]}]}}},
+    {"id": 1, "type": "create_container", "args": {"container_id": "c", "mount_tag": "t", "seccomp": {
+        "defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_ERRNO",
+                                                         "args": [{"index": 1, "op": "SCMP_CMP_EQ"}] * 7}]}}},
+    {"id": 1, "type": "create_container", "args": {"container_id": "c", "mount_tag": "t",
+                                                   "seccomp": {"syscalls": []}}},
 ]
 
 
@@ -97,3 +115,17 @@ def test_own_validator_agrees_with_jsonschema(schema_name):
 def test_validator_refuses_unknown_keywords():
     with pytest.raises(SchemaError, match="unsupported"):
         validate(1, {"type": "integer", "multipleOf": 2})
+
+
+def test_process_security_and_seccomp_are_bounded():
+    every_cap = {name: ["CAP_KILL"] for name in messages.CAP_SETS}
+    messages.check_request({"id": 1, "type": "create_process", "args": {
+        "process_id": "a", "argv": ["x"], "umask": 0o7777, "capabilities": every_cap}})
+    with pytest.raises(SchemaError, match="more than 64"):
+        messages.check_request({"id": 1, "type": "create_process", "args": {
+            "process_id": "a", "argv": ["x"], "capabilities": {"bounding": ["CAP_KILL"] * 65}}})
+    rule = {"names": ["mkdir"], "action": "SCMP_ACT_ERRNO"}
+    with pytest.raises(SchemaError, match="more than 1024"):
+        messages.check_request({"id": 1, "type": "create_container", "args": {
+            "container_id": "c", "mount_tag": "t",
+            "seccomp": {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [rule] * 1025}}})
