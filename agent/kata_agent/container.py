@@ -34,6 +34,7 @@ NETWORK_FILES = {"/etc/hosts": "/run/kata/network/hosts", "/etc/resolv.conf": "/
 
 # Namespaces a container may ask for, and the flag each is made with.
 NAMESPACE_FLAGS = {"mount": CLONE_NEWNS, "uts": CLONE_NEWUTS, "ipc": CLONE_NEWIPC, "cgroup": CLONE_NEWCGROUP}
+OWNED_FILESYSTEMS = ("tmpfs", "devpts", "mqueue")
 ROOTFS_PROPAGATION = {"private": MS_PRIVATE, "rprivate": MS_PRIVATE | MS_REC, "slave": MS_SLAVE,
                       "rslave": MS_SLAVE | MS_REC, "shared": MS_SHARED, "rshared": MS_SHARED | MS_REC,
                       "unbindable": MS_UNBINDABLE, "runbindable": MS_UNBINDABLE | MS_REC}
@@ -64,6 +65,38 @@ class Container:
     @property
     def user_namespace(self) -> bool:
         return "user" in self.namespaces
+
+    def guest_id(self, container_id: int, group: bool = False) -> int:
+        """The guest's id for an id inside the container (itself without a user
+        namespace; unmapped ids become the overflow id, as the kernel shows them)."""
+        if not self.user_namespace:
+            return container_id
+        for m in self.gid_mappings if group else self.uid_mappings:
+            if m["container_id"] <= container_id < m["container_id"] + m["size"]:
+                return m["host_id"] + container_id - m["container_id"]
+        return 65534
+
+    def owned_mount(self, mount: dict) -> dict:
+        """A filesystem mount with its owner options in guest ids.
+
+        The agent mounts as the guest's root, before the container enters its
+        user namespace; runc mounts inside it. So that a tmpfs belongs to the
+        container's root (and a devpts gid=5 is the container's tty group), the
+        ids are translated here.
+        """
+        if not self.user_namespace or mount.get("type") not in OWNED_FILESYSTEMS or mount.get("from"):
+            return mount
+        options = []
+        seen = set()
+        for option in mount.get("options", []):
+            key, sep, value = option.partition("=")
+            if sep and key in ("uid", "gid") and value.isdigit():
+                option = f"{key}={self.guest_id(int(value), group=key == 'gid')}"
+                seen.add(key)
+            options.append(option)
+        if mount.get("type") == "tmpfs":
+            options += [f"{key}={self.guest_id(0, group=key == 'gid')}" for key in ("uid", "gid") if key not in seen]
+        return dict(mount, options=options)
 
 
 def validate_spec(spec: dict) -> None:
@@ -217,7 +250,9 @@ class Containers:
             sys_.mount("", "/", "", MS_REC | MS_SLAVE)
             sys_.mount(root, root, "", MS_BIND | MS_REC)
             _spec_mounts(sys_, container, network_files)
-            mountlib.make_devices(root, container.devices)
+            mountlib.make_devices(root, [dict(d, uid=container.guest_id(d.get("uid", 0)),
+                                              gid=container.guest_id(d.get("gid", 0), group=True))
+                                         for d in container.devices])
             for path in container.masked_paths:
                 mountlib.mask_path(sys_, root, path)
             for path in container.readonly_paths:
@@ -291,14 +326,15 @@ def _spec_mounts(sys_, container: Container, network_files: dict) -> None:
     destinations = {os.path.normpath(mount["destination"]) for mount in container.mounts}
     if "/dev" not in destinations:
         # Device nodes are made in /dev, and never on the host's share.
-        mountlib.mount_one(sys_, root, {"destination": "/dev", "type": "tmpfs",
-                                        "options": ["nosuid", "mode=755", "size=64k"]}, "tmpfs")
+        mountlib.mount_one(sys_, root, container.owned_mount({"destination": "/dev", "type": "tmpfs",
+                                                              "options": ["nosuid", "mode=755", "size=64k"]}),
+                           "tmpfs")
     for mount in container.mounts:
         if mount.get("from") == "share":
             source = container.share + "/" + mount["source"]
         else:
             source = mount.get("source", "")
-        mountlib.mount_one(sys_, root, mount, source)
+        mountlib.mount_one(sys_, root, container.owned_mount(mount), source)
     # The guest's network files, where the spec brings none of its own.
     for dest, path in network_files.items():
         if dest not in destinations:

@@ -57,7 +57,7 @@ async def run_container(args, report: StatusPipe) -> int:
     from .console import HostConsole
     from .guest_spec import create_container_args
     from .hooks import run_guest_hooks
-    from .process_spec import agent_container_id, process_args, vm_size
+    from .process_spec import agent_container_id, process_args, seccomp_args, vm_size
     from .share import ROOTFS_ENTRY, ContainerShare, remove_share_dir, share_dir_for
     from .spec import load_bundle
 
@@ -80,7 +80,7 @@ async def run_container(args, report: StatusPipe) -> int:
                           nics=network.nics)
         await sandbox.start()
         await configure_guest(network, sandbox.agent)
-        await sandbox.agent.request("create_container", create_args)
+        await sandbox.agent.request("create_container", {**create_args, **seccomp_args(config)})
         spec = process_args(process)
         if console is not None:
             console.send_master(args.console_socket)
@@ -88,6 +88,7 @@ async def run_container(args, report: StatusPipe) -> int:
             spec.setdefault("rows", rows)
             spec.setdefault("cols", cols)
         session = ProcessSession(sandbox, spec["argv"], env=spec["env"], cwd=spec["cwd"], user=spec["user"],
+                                 security=spec["security"],
                                  rows=spec.get("rows", 0), cols=spec.get("cols", 0), container_id=cid, init=True,
                                  process_id="init", **_stdio_fds(console))
         await session.create()
@@ -102,10 +103,9 @@ async def run_container(args, report: StatusPipe) -> int:
             console.attach_session(session)
         session.forward_signals()
         status = await session.relay_and_wait()
-    except BaseException as exc:
-        report.send("error", str(exc) if isinstance(exc, KataError) else repr(exc))
-        raise
     finally:
+        # Cleaned up before main() reports a failure: `create` kills this
+        # process as soon as it reads the report.
         if sandbox is not None:
             await sandbox.stop()
         if network is not None:
@@ -151,6 +151,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.log:
         logging.basicConfig(filename=args.log, level=logging.INFO,
                             format="%(asctime)s monitor %(levelname)s %(message)s")
+    else:
+        # Never Python's last-resort stderr handler: this process's stderr is
+        # the container's, and `create` reports the error itself.
+        logging.basicConfig(handlers=[logging.NullHandler()])
     report = StatusPipe(args.status_fd)
     try:
         if not args.process_json:
