@@ -21,8 +21,9 @@ def add_parser(sub) -> None:
     parser.add_argument("--user", "-u")
     parser.add_argument("--additional-gids", "-g", action="append", default=[])
     parser.add_argument("--preserve-fds", type=int, default=0)
-    parser.add_argument("--no-new-privs", action="store_true")
-    parser.add_argument("--cap", "-c", action="append", default=[])
+    parser.add_argument("--no-new-privs", action="store_true", help="set no_new_privs for the process")
+    parser.add_argument("--cap", "-c", action="append", default=[],
+                        help="add a capability (CAP_...) to the process's bounding, effective and permitted sets")
     parser.add_argument("--process-label")
     parser.add_argument("--apparmor")
     parser.add_argument("--ignore-paused", action="store_true")
@@ -68,11 +69,12 @@ def process_spec(args) -> dict:
 
 def cmd_exec(args) -> int:
     from ..oci.container import exec_detached
-    from ..oci.exec_process import run_attached
+    from ..oci.exec_process import container_process, run_attached, with_container_defaults
 
     if args.preserve_fds:
         raise ConfigError("--preserve-fds: host file descriptors cannot be passed into a VM sandbox")
-    spec = process_spec(args)
+    spec = with_container_defaults(process_spec(args), container_process(store(args), args.container_id),
+                                   add_caps=args.cap, no_new_privs=args.no_new_privs)
     if spec.get("terminal") and not args.console_socket and args.detach:
         raise ConfigError("exec --tty --detach needs --console-socket")
     if args.detach:

@@ -8,6 +8,7 @@ process's status, as the container's monitor does for init).
 from __future__ import annotations
 
 import asyncio
+import copy
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +19,44 @@ from .process_spec import agent_container_id, process_args
 from .state import ContainerState, StateStore, Status
 
 CONNECT_TIMEOUT = 10.0
+# What an exec'd process takes from the container's own process unless it
+# names its own, as with runc (oomScoreAdj: runc applies the container's to
+# every process it starts in it).
+INHERITED = ("capabilities", "noNewPrivileges", "oomScoreAdj")
+CAP_SETS_ADDED = ("bounding", "effective", "permitted")
+
+
+def container_process(store: StateStore, container_id: str) -> dict:
+    """The `process` of the container's config.json, the base for exec."""
+    from .spec import load_bundle
+
+    state = store.load(container_id)
+    _, config, _ = load_bundle(state.bundle)
+    return config.get("process") or {}
+
+
+def with_container_defaults(spec: dict, container: dict, add_caps=(), no_new_privs: bool = False) -> dict:
+    """An exec's process spec completed from the container's process, then
+    `exec --cap` and `--no-new-privs` applied (runc's exec rules)."""
+    spec = copy.deepcopy(spec)
+    for key in INHERITED:
+        if key not in spec and key in container:
+            spec[key] = copy.deepcopy(container[key])
+    if not spec.get("rlimits") and container.get("rlimits"):
+        spec["rlimits"] = copy.deepcopy(container["rlimits"])
+    caps = spec.get("capabilities")
+    # Without capabilities the process keeps all of them: nothing to add to.
+    if add_caps and caps is not None:
+        for name in add_caps:
+            for which in CAP_SETS_ADDED:
+                if name not in caps.setdefault(which, []):
+                    caps[which].append(name)
+            # Ambient needs inheritable; runc adds to it only where the spec has an inheritable set.
+            if caps.get("inheritable") is not None and name not in caps.setdefault("ambient", []):
+                caps["ambient"].append(name)
+    if no_new_privs:
+        spec["noNewPrivileges"] = True
+    return spec
 
 
 def transport_for(state: ContainerState):
@@ -61,6 +100,7 @@ async def exec_in_container(store: StateStore, container_id: str, spec: dict, co
             args.setdefault("rows", rows)
             args.setdefault("cols", cols)
         session = ProcessSession(handle, args["argv"], env=args["env"], cwd=args["cwd"], user=args["user"],
+                                 security=args["security"],
                                  rows=args.get("rows", 0), cols=args.get("cols", 0),
                                  container_id=agent_container_id(container_id), **stdio)
         await session.create()

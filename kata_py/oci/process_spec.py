@@ -18,8 +18,20 @@ def agent_container_id(container_id: str) -> str:
     return "c-" + hashlib.sha256(container_id.encode()).hexdigest()[:16]
 
 
+CAP_SETS = ("bounding", "effective", "inheritable", "permitted", "ambient")
+UMASK_MAX = 0o7777
+OOM_SCORE_ADJ_RANGE = (-1000, 1000)  # what the kernel accepts
+RLIM_MAX = 2**64 - 1
+# linux.seccomp members the agent compiles; the others (listenerPath,
+# listenerMetadata: a seccomp agent kata-py does not have) are not sent.
+SECCOMP_KEYS = ("defaultAction", "defaultErrnoRet", "architectures", "flags", "syscalls")
+SECCOMP_RULE_KEYS = ("names", "action", "errnoRet", "args")
+SECCOMP_ARG_KEYS = ("index", "value", "valueTwo", "op")
+
+
 def process_args(process: dict) -> dict:
-    """The agent's create_process arguments for an OCI process object."""
+    """The agent's create_process arguments for an OCI process object.
+    `security` holds the agent's process-level fields (see security_args)."""
     user = process.get("user", {})
     args = {
         "argv": list(process["args"]),
@@ -27,11 +39,80 @@ def process_args(process: dict) -> dict:
         "cwd": process.get("cwd", "/"),
         "user": {"uid": int(user.get("uid", 0)), "gid": int(user.get("gid", 0)),
                  "additional_gids": [int(g) for g in user.get("additionalGids", [])]},
+        "security": security_args(process),
     }
     size = process.get("consoleSize")
     if size:
         args["rows"], args["cols"] = int(size.get("height", 0)), int(size.get("width", 0))
     return args
+
+
+def _integer(value, where: str, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ConfigError(f"{where}: expected an integer in {low}..{high}, got {value!r}")
+    return value
+
+
+def security_args(process: dict) -> dict:
+    """OCI process fields -> the agent's umask, rlimits, capabilities,
+    no_new_privileges and oom_score_adj (agent/kata_agent/credentials.py).
+
+    Absent capabilities stay absent: the process then keeps the guest root's
+    full set (runc would give it none). The agent checks the names."""
+    fields = {}
+    user = process.get("user") or {}
+    if user.get("umask") is not None:
+        fields["umask"] = _integer(user["umask"], "process.user.umask", 0, UMASK_MAX)
+    rlimits = process.get("rlimits") or []
+    if not isinstance(rlimits, list):
+        raise ConfigError("process.rlimits: expected a list")
+    if rlimits:
+        fields["rlimits"] = []
+        for index, rlimit in enumerate(rlimits):
+            where = f"process.rlimits[{index}]"
+            if not isinstance(rlimit, dict) or not isinstance(rlimit.get("type"), str):
+                raise ConfigError(f"{where}: expected an object with a type")
+            fields["rlimits"].append({"type": rlimit["type"],
+                                      "soft": _integer(rlimit.get("soft"), f"{where}.soft", 0, RLIM_MAX),
+                                      "hard": _integer(rlimit.get("hard"), f"{where}.hard", 0, RLIM_MAX)})
+    caps = process.get("capabilities")
+    if caps is not None:
+        if not isinstance(caps, dict):
+            raise ConfigError("process.capabilities: expected an object")
+        fields["capabilities"] = {}
+        for name in CAP_SETS:
+            names = caps.get(name) or []
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ConfigError(f"process.capabilities.{name}: expected a list of names")
+            fields["capabilities"][name] = list(names)
+    if process.get("noNewPrivileges") is not None:
+        fields["no_new_privileges"] = bool(process["noNewPrivileges"])
+    if process.get("oomScoreAdj") is not None:
+        fields["oom_score_adj"] = _integer(process["oomScoreAdj"], "process.oomScoreAdj", *OOM_SCORE_ADJ_RANGE)
+    return fields
+
+
+def seccomp_args(config: dict) -> dict:
+    """{"seccomp": linux.seccomp as the agent takes it}, or {} without one."""
+    profile = (config.get("linux") or {}).get("seccomp")
+    if not profile:
+        return {}
+    if not isinstance(profile, dict):
+        raise ConfigError("linux.seccomp: expected an object")
+    result = {key: profile[key] for key in SECCOMP_KEYS if profile.get(key) is not None}
+    rules = result.get("syscalls")
+    if isinstance(rules, list):
+        result["syscalls"] = [_trimmed(rule, SECCOMP_RULE_KEYS) for rule in rules]
+        for rule in result["syscalls"]:
+            if isinstance(rule.get("args"), list):
+                rule["args"] = [_trimmed(arg, SECCOMP_ARG_KEYS) for arg in rule["args"]]
+    return {"seccomp": result}
+
+
+def _trimmed(item, keys) -> dict:
+    if not isinstance(item, dict):
+        return item  # the agent names what is wrong with it
+    return {key: item[key] for key in keys if item.get(key) is not None}
 
 
 def vm_size(config: dict) -> tuple[int, int]:

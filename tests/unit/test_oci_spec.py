@@ -184,7 +184,8 @@ def test_process_args():
                          "user": {"uid": 1000, "gid": 100, "additionalGids": [5, 6]},
                          "consoleSize": {"height": 40, "width": 120}})
     assert args == {"argv": ["sh", "-c", "x"], "env": ["A=1"], "cwd": "/tmp",
-                    "user": {"uid": 1000, "gid": 100, "additional_gids": [5, 6]}, "rows": 40, "cols": 120}
+                    "user": {"uid": 1000, "gid": 100, "additional_gids": [5, 6]}, "rows": 40, "cols": 120,
+                    "security": {}}
     assert process_args({"args": ["true"]})["user"] == {"uid": 0, "gid": 0, "additional_gids": []}
 
 
