@@ -351,15 +351,25 @@ class VhostUserVsock:
         mem = GuestMemory.from_fds(descs, msg.fds)
         msg.close_fds()  # the mappings outlive the fds
         old, self.mem = self.mem, mem
+        self.generation += 1
+        self.log("vhost-user: guest memory " + ", ".join(
+            f"{r.guest_addr:#x}+{r.size:#x}" for r in mem.regions))
+        # Every ring moves to the new table and the old mappings go, even when a ring
+        # does not fit the new memory (that ring is marked broken and the first such
+        # error is reported); an early exit here used to leave the later rings on the
+        # old memory and never unmap it.
+        failure: MessageError | None = None
         for vr in self.vrings:
             if vr.queue is not None:
                 vr.drop_queue()
-                self._try_start(vr)
+                try:
+                    self._try_start(vr)
+                except MessageError as e:
+                    failure = failure or e
         if old is not None:
             old.close()
-        self.log("vhost-user: guest memory " + ", ".join(
-            f"{r.guest_addr:#x}+{r.size:#x}" for r in mem.regions))
-        self.generation += 1
+        if failure is not None:
+            raise failure
         return None
 
     # -- vrings ------------------------------------------------------------
