@@ -96,9 +96,11 @@ def test_argument_conditions(tmp_path):
          "args": [{"index": 0, "value": 9, "op": "SCMP_CMP_EQ"}, {"index": 2, "value": 5, "op": "SCMP_CMP_EQ"}]},
         # The same argument twice: either may match.
         {"names": ["mkdir"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EACCES,
-         "args": [{"index": 1, "value": 0o700, "op": "SCMP_CMP_EQ"}, {"index": 1, "value": 0o711, "op": "SCMP_CMP_EQ"}]},
+         "args": [{"index": 1, "value": 0o700, "op": "SCMP_CMP_EQ"},
+                  {"index": 1, "value": 0o711, "op": "SCMP_CMP_EQ"}]},
         {"names": ["mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EACCES,
-         "args": [{"index": 2, "value": 0o700, "op": "SCMP_CMP_EQ"}, {"index": 2, "value": 0o711, "op": "SCMP_CMP_EQ"}]},
+         "args": [{"index": 2, "value": 0o700, "op": "SCMP_CMP_EQ"},
+                  {"index": 2, "value": 0o711, "op": "SCMP_CMP_EQ"}]},
         # Masked: group bits 0o050 (r-x) set -> denied.
         {"names": ["mkdir"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EXDEV,
          "args": [{"index": 1, "value": 0o070, "valueTwo": 0o050, "op": "SCMP_CMP_MASKED_EQ"}]},
@@ -142,7 +144,8 @@ def test_killing_actions(tmp_path, action):
 
 
 def test_log_and_allow_let_it_through(tmp_path):
-    profile = {"defaultAction": "SCMP_ACT_ALLOW", "flags": ["SECCOMP_FILTER_FLAG_LOG", "SECCOMP_FILTER_FLAG_SPEC_ALLOW"],
+    profile = {"defaultAction": "SCMP_ACT_ALLOW",
+               "flags": ["SECCOMP_FILTER_FLAG_LOG", "SECCOMP_FILTER_FLAG_SPEC_ALLOW"],
                "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_LOG"},
                             {"names": ["getpid"], "action": "SCMP_ACT_ALLOW"}]}
     status, out = python("import os; os.mkdir('x'); print(os.getpid() > 0)", profile, cwd=str(tmp_path))
