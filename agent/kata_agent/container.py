@@ -334,6 +334,12 @@ def _spec_mounts(sys_, container: Container, network_files: dict) -> None:
             source = container.share + "/" + mount["source"]
         else:
             source = mount.get("source", "")
+        if mount.get("type") in ("cgroup", "cgroup2") and "cgroup" not in container.namespaces:
+            # Without a cgroup namespace a new cgroup2 mount would show the whole
+            # guest tree: bind the container's own cgroup instead (runc's way).
+            options = [o for o in mount.get("options", []) if o not in ("bind", "rbind")] + ["rbind"]
+            mount = dict(mount, type="bind", options=options)
+            source = container.cgroup.path
         mountlib.mount_one(sys_, root, container.owned_mount(mount), source)
     # The guest's network files, where the spec brings none of its own.
     for dest, path in network_files.items():

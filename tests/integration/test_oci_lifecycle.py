@@ -117,13 +117,17 @@ def test_lifecycle(tmp_path):
     assert_nothing_left(root)
 
 
-@pytest.mark.parametrize("script,status,output", [
-    ("true", 0, b""),
-    ("echo hi; exit 3", 3, b"hi\n"),
-    ("kill -9 $$", 137, b""),
+@pytest.mark.parametrize("script,status,output,namespaces", [
+    ("true", 0, b"", None),
+    ("echo hi; exit 3", 3, b"hi\n", None),
+    # As with runc: the init of a pid namespace ignores even SIGKILL from inside it...
+    ("kill -9 $$; echo survived", 0, b"survived\n", None),
+    # ...and without one, it dies of it, and the status says so (128 + 9).
+    ("kill -9 $$", 137, b"", ["mount", "ipc", "uts"]),
 ])
-def test_run_exit_status(tmp_path, script, status, output):
-    root, bundle = tmp_path / "root", make_bundle(tmp_path / "bundle", ["sh", "-c", script])
+def test_run_exit_status(tmp_path, script, status, output, namespaces):
+    extra = {"linux": {"namespaces": [{"type": t} for t in namespaces]}} if namespaces else {}
+    root, bundle = tmp_path / "root", make_bundle(tmp_path / "bundle", ["sh", "-c", script], **extra)
     result = cli(root, "run", "--bundle", bundle, "r1")
     assert (result.returncode, result.stdout) == (status, output), result.stderr
     assert_nothing_left(root)

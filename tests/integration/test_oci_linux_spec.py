@@ -133,6 +133,11 @@ def test_user_namespace_maps_root_to_1000(spec_box):
     assert (made.stat().st_uid, made.stat().st_gid) == (HOST_UID, HOST_UID)
 
 
+def test_cgroup_namespace_is_rooted_at_the_containers_cgroup(spec_box):
+    assert sh(spec_box, "cat /proc/self/cgroup") == "0::/\n"
+    assert "pids.max" in sh(spec_box, "ls /sys/fs/cgroup").split()
+
+
 def test_uts_and_ipc_namespaces_and_sysctl(spec_box):
     out = sh(spec_box, "hostname; cat /proc/sys/kernel/domainname /proc/sys/kernel/msgmax /proc/sys/kernel/shmmni")
     assert out.split() == ["spec-host", "example.org", "4242", "1234"]
