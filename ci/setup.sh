@@ -12,7 +12,8 @@ PACKAGES=(
   busybox-static        # test bundles (a rootfs built locally; no registry)
   golang-github-opencontainers-specs-dev  # the official OCI runtime-spec JSON schemas
   podman conmon containerd                # the engines the end-to-end tests drive kata-py with
-  containernetworking-plugins             # podman's network backend (tests use --network none)
+  containernetworking-plugins             # podman's network backend (bridge, host-local, portmap)
+  iptables                                # the NAT rules of podman's bridge network and -p
   runc crun                               # peers for side-by-side benchmarks
   ca-certificates
 )

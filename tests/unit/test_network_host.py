@@ -180,3 +180,11 @@ def test_work_in_a_namespace_returns_or_raises():
         assert own.run(lambda: 42) == 42
         with pytest.raises(ZeroDivisionError):
             own.run(lambda: 1 // 0)
+
+
+def test_features_tell_what_the_network_namespace_does():
+    from kata_py.cli.features import features
+
+    reported = features()
+    assert "network" in reported["linux"]["namespaces"]
+    assert "loopback only" in reported["annotations"]["io.kata-py.network"]
