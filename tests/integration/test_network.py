@@ -238,24 +238,28 @@ def test_two_containers_talk_tcp_both_ways_and_ping(namespaces, tmp_path):
 
 @pytest.mark.vm
 def test_host_reaches_a_server_in_the_container(namespaces, tmp_path, image):
+    """Through either of two interfaces: the guest gets one NIC per veth."""
     ns = namespaces.create()
-    host_link = f"kpt{os.getpid() % 100000}h"
-    namespaces.veth(None, host_link, "10.231.2.1/24", ns, "eth0", "10.231.2.2/24")
+    namespaces.veth(None, f"kpt{os.getpid() % 100000}h", "10.231.2.1/24", ns, "eth0", "10.231.2.2/24")
+    namespaces.veth(None, f"kpt{os.getpid() % 100000}i", "10.231.4.1/24", ns, "eth1", "10.231.4.2/24", mtu=1280)
     namespaces.route(ns, "0.0.0.0/0", "10.231.2.1")
     root = tmp_path / "root"
     bundle = networked_bundle(tmp_path / "web", _serve_forever(8080, 'echo "hello from $(uname -r)" | nc -l -p 8080'),
                               namespaces.path(ns))
     _start(root, "web", bundle, tmp_path / "logs")
     try:
-        with connect_until(("10.231.2.2", 8080), time.monotonic() + 120) as conn:
-            conn.shutdown(socket.SHUT_WR)
-            reply = b""
-            while chunk := conn.recv(4096):
-                reply += chunk
-        assert reply.decode().strip() == f"hello from {image.kernel_release}" != f"hello from {os.uname().release}"
-        # The guest's view: its NIC has the veth's address and MTU, and a default route.
-        result = _exec(root, "web", "ip -o addr show eth0; ip route")
-        assert b"10.231.2.2/24" in result.stdout and b"default via 10.231.2.1" in result.stdout, result.stdout
+        for address in ("10.231.2.2", "10.231.4.2"):
+            with connect_until((address, 8080), time.monotonic() + 120) as conn:
+                conn.shutdown(socket.SHUT_WR)
+                reply = b""
+                while chunk := conn.recv(4096):
+                    reply += chunk
+            assert reply.decode().strip() == f"hello from {image.kernel_release}" != f"hello from {os.uname().release}"
+        # The guest's view: its NICs have the veths' names, addresses and MTUs, and a default route.
+        result = _exec(root, "web", "ip -o addr show eth0; ip -o link show eth1; ip -o addr show eth1; ip route")
+        out = result.stdout.decode()
+        assert "10.231.2.2/24" in out and "10.231.4.2/24" in out and "mtu 1280" in out, out
+        assert "default via 10.231.2.1 dev eth0" in out, out
     finally:
         _stop(root, "web")
     assert_nothing_left(root)
