@@ -10,7 +10,6 @@ to the namespace for good, whichever thread uses them later.
 from __future__ import annotations
 
 import ctypes
-import errno
 import fcntl
 import os
 import threading
@@ -86,7 +85,3 @@ def open_if_same(path: str, identity: tuple[int, int]) -> Netns | None:
         netns.close()
         return None
     return netns
-
-
-def is_missing(exc: OSError) -> bool:
-    return exc.errno in (errno.ENODEV, errno.ENOENT, errno.EINVAL)
