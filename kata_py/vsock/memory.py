@@ -62,6 +62,11 @@ class GuestMemory:
                 raise GuestMemoryError(f"region wraps the address space: {r!r}")
         self.regions = list(regions)
         self._by_gpa = sorted(self.regions, key=lambda r: r.guest_addr)
+        # Overlapping regions would give one guest address two meanings, and which
+        # one a descriptor reached would depend on the table's order.
+        for lower, upper in zip(self._by_gpa, self._by_gpa[1:]):
+            if lower.guest_addr + lower.size > upper.guest_addr:
+                raise GuestMemoryError(f"regions overlap in guest memory: {lower!r} and {upper!r}")
 
     @classmethod
     def from_buffer(cls, buf, guest_addr: int = 0, user_addr: int | None = None) -> "GuestMemory":

@@ -157,7 +157,7 @@ def via_read_frame(chunks, max_frame):
 
 # -- properties -----------------------------------------------------------------
 
-@fuzz(300)
+@fuzz(200)
 @given(st.lists(messages, max_size=3), st.data())
 def test_any_message_round_trips_through_every_reader(msgs, data):
     wire = b"".join(framing.encode_frame(m, max_frame=1 << 30) for m in msgs)
@@ -168,7 +168,7 @@ def test_any_message_round_trips_through_every_reader(msgs, data):
         assert err is None and out == msgs, read.__name__
 
 
-@fuzz(300)
+@fuzz(250)
 @given(streams(), st.data(), st.one_of(st.integers(0, 400), st.just(framing.MAX_FRAME)))
 def test_hostile_streams_yield_objects_or_frame_errors(wire, data, max_frame):
     chunks = data.draw(split(wire))

@@ -192,7 +192,7 @@ def drain_rings(dev: VhostUserVsock) -> int:
     return popped
 
 
-@fuzz(250)
+@fuzz(200)
 @given(st.booleans(), st.lists(request(), max_size=14), st.binary(min_size=0, max_size=4096))
 def test_any_request_sequence_is_answered_and_leaks_nothing(start_with_handshake, requests, memory):
     before_fds, before_maps = fd_count(), guest_mappings()
