@@ -111,14 +111,21 @@ class Containerd:
 
 
 def leftover_processes() -> list[str]:
-    """kata-py monitors, vsock backends or QEMUs of containers still running."""
+    """kata-py monitors, vsock backends or QEMUs of containers still running,
+    started by this test session (they carry its KATA_PY_RUN_DIR: engines pass
+    their environment down to the runtime), so that other kata-py users of the
+    machine do not count."""
+    run_dir = os.environ["KATA_PY_RUN_DIR"].encode()
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            environ = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
+            continue
+        if b"KATA_PY_RUN_DIR=" + run_dir not in environ:
             continue
         if "kata_py.oci.monitor" in cmdline or ("qemu-system" in cmdline and "kata-py-" in cmdline
                                                  and "kata-py-vm-" not in cmdline):

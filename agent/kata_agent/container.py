@@ -30,7 +30,8 @@ from .syscalls import (CLONE_NEWCGROUP, CLONE_NEWIPC, CLONE_NEWNS, CLONE_NEWPID,
 
 CONTAINERS_DIR = "/run/kata/containers"
 NINEP_OPTIONS = "trans=virtio,version=9p2000.L,msize=262144,cache=mmap,access=client"
-NETWORK_FILES = {"/etc/hosts": "/run/kata/network/hosts", "/etc/resolv.conf": "/run/kata/network/resolv.conf"}
+NETWORK_FILES = {"/etc/hosts": "/run/kata/network/hosts", "/etc/resolv.conf": "/run/kata/network/resolv.conf",
+                 "/etc/hostname": "/run/kata/network/hostname"}
 
 # Namespaces a container may ask for, and the flag each is made with.
 NAMESPACE_FLAGS = {"mount": CLONE_NEWNS, "uts": CLONE_NEWUTS, "ipc": CLONE_NEWIPC, "cgroup": CLONE_NEWCGROUP}
@@ -334,7 +335,15 @@ def _spec_mounts(sys_, container: Container, network_files: dict) -> None:
             source = container.share + "/" + mount["source"]
         else:
             source = mount.get("source", "")
-        if mount.get("type") in ("cgroup", "cgroup2") and "cgroup" not in container.namespaces:
+        if mount.get("type") == "devpts":
+            # The agent opens a process's terminal in the guest's devpts before
+            # fork; a new instance here would not hold it, and `tty`/ttyname()
+            # would fail. The guest serves this one container, so its own
+            # instance (it holds this container's terminals only) is bound.
+            mount = dict(mount, type="bind", options=[o for o in mount.get("options", []) if "=" not in o
+                                                      and o != "newinstance"] + ["bind"])
+            source = "/dev/pts"
+        elif mount.get("type") in ("cgroup", "cgroup2") and "cgroup" not in container.namespaces:
             # Without a cgroup namespace a new cgroup2 mount would show the whole
             # guest tree: bind the container's own cgroup instead (runc's way).
             options = [o for o in mount.get("options", []) if o not in ("bind", "rbind")] + ["rbind"]
