@@ -19,7 +19,7 @@ from . import logging_setup
 # state` does not pay for what `kata-py vm run` needs.
 SUBCOMMANDS = {name: name for name in (
     "create", "start", "state", "kill", "delete", "run", "exec", "list", "ps", "events", "update", "pause", "resume",
-    "spec", "features", "vm", "check", "image")}
+    "spec", "features", "vm", "check", "image", "factory")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help(sys.stderr)
         return 2
-    logging_setup.setup(args.log, args.log_format, args.debug)
+    try:
+        logging_setup.setup(args.log, args.log_format, args.debug)
+    except OSError as exc:
+        print(f"kata-py: --log {args.log}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     try:
         if args.rootless not in ("false", "auto"):
             raise ConfigError("--rootless: rootless containers are not supported by kata-py")

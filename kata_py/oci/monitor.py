@@ -49,7 +49,7 @@ def _stdio_fds(console) -> dict:
     return {"stdin_fd": 0, "stdout_fd": 1, "stderr_fd": 2}
 
 
-async def run_container(args, report: StatusPipe) -> int:
+async def run_container(args, report: StatusPipe, claimed=None) -> int:
     from ..image import ensure_image
     from ..network import attach_container, configure_guest, detach_container
     from ..sandbox.process import ProcessSession
@@ -67,19 +67,26 @@ async def run_container(args, report: StatusPipe) -> int:
     process = config["process"]
     memory, cpus = vm_size(config)
     console = HostConsole() if process.get("terminal") else None
-    share = ContainerShare(share_dir_for(args.root, args.id))
+    # A pooled VM's export is its standby's, already in this mount namespace.
+    share = ContainerShare(claimed.share_dir if claimed else share_dir_for(args.root, args.id),
+                           existing=claimed is not None)
     sandbox = None
     network = None
     try:
         share.add(str(rootfs), name=ROOTFS_ENTRY)
         cid = agent_container_id(args.id)
         create_args = create_container_args(cid, config, str(bundle), share, no_pivot=state.no_pivot)
-        network = await attach_container(config, store.dir(args.id))
-        sandbox = Sandbox(ensure_image(progress=False), memory_mib=memory, cpus=cpus,
-                          shares=[Share("rootfs", share.path)], qmp_socket=True, name=f"kata-py-{args.id[:40]}",
-                          nics=network.nics)
-        await sandbox.start()
-        await configure_guest(network, sandbox.agent)
+        if claimed is not None:
+            from ..factory.pooled import PooledSandbox
+            sandbox = PooledSandbox(claimed)
+            await sandbox.start()
+        else:
+            network = await attach_container(config, store.dir(args.id))
+            sandbox = Sandbox(ensure_image(progress=False), memory_mib=memory, cpus=cpus,
+                              shares=[Share("rootfs", share.path)], qmp_socket=True,
+                              name=f"kata-py-{args.id[:40]}", nics=network.nics)
+            await sandbox.start()
+            await configure_guest(network, sandbox.agent)
         await sandbox.agent.request("create_container", {**create_args, **seccomp_args(config)})
         spec = process_args(process)
         if console is not None:
@@ -108,11 +115,26 @@ async def run_container(args, report: StatusPipe) -> int:
         # process as soon as it reads the report.
         if sandbox is not None:
             await sandbox.stop()
+        elif claimed is not None:
+            claimed.release()
         if network is not None:
             await detach_container(network)
-        remove_share_dir(share.path)
+        if claimed is None:
+            remove_share_dir(share.path)  # a standby removes its own
     _record_exit(store, args.id, status)
     return status
+
+
+def _claim_pooled_vm(args):
+    """A VM from the factory's pool when one runs and fits, else None (boot one)."""
+    from ..factory.pooled import claim_for
+    from .spec import load_bundle
+
+    _, config, _ = load_bundle(StateStore(args.root).load(args.id).bundle)
+    claimed = claim_for(config)
+    if claimed is not None:
+        log.info("using pooled VM of standby %d", claimed.pid)
+    return claimed
 
 
 def _record_exit(store: StateStore, container_id: str, status: int) -> None:
@@ -157,13 +179,19 @@ def main(argv: list[str] | None = None) -> None:
         logging.basicConfig(handlers=[logging.NullHandler()])
     report = StatusPipe(args.status_fd)
     try:
-        if not args.process_json:
+        if args.process_json:
+            status = asyncio.run(run_exec(args, report))
+        else:
             # Before any thread exists: the container's share mounts live and die
-            # with this process and its QEMU (see share.py).
-            from .share import enter_private_mount_namespace
-            enter_private_mount_namespace()
-        runner = run_exec if args.process_json else run_container
-        status = asyncio.run(runner(args, report))
+            # with this process and its QEMU (see share.py), or with the
+            # standby of a pooled VM, whose mount namespace this joins.
+            claimed = _claim_pooled_vm(args)
+            if claimed is not None:
+                claimed.enter_mount_namespace()
+            else:
+                from .share import enter_private_mount_namespace
+                enter_private_mount_namespace()
+            status = asyncio.run(run_container(args, report, claimed))
     except KataError as exc:
         log.error("%s", exc)
         report.send("error", str(exc))

@@ -43,10 +43,13 @@ def enter_private_mount_namespace() -> None:
 
 
 class ContainerShare:
-    def __init__(self, path: Path) -> None:
-        paths.ensure_private_dir(path.parent)
-        remove_share_dir(path)  # a leftover of an earlier container with this id
-        path.mkdir(mode=0o700)
+    def __init__(self, path: Path, existing: bool = False) -> None:
+        """A new share directory at `path`; `existing`: one a pooled VM's
+        standby made, whose entries are added to."""
+        if not existing:
+            paths.ensure_private_dir(path.parent)
+            remove_share_dir(path)  # a leftover of an earlier container with this id
+            path.mkdir(mode=0o700)
         self.path = path
         self.count = 0
 
@@ -61,7 +64,7 @@ class ContainerShare:
             raise ShareError(f"mount source {source}: {exc.strerror}") from None
         target = self.path / name
         if stat.S_ISDIR(mode):
-            target.mkdir(mode=0o700)
+            target.mkdir(mode=0o700, exist_ok=name == ROOTFS_ENTRY)
         elif stat.S_ISREG(mode):
             target.touch(mode=0o600)
         else:
