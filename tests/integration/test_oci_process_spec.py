@@ -37,7 +37,7 @@ SECCOMP = {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_6
 REPORT = ("cat /proc/self/status; echo ulimit=$(ulimit -n); echo umask=$(umask); echo id=$(id); "
           "echo oom=$(cat /proc/self/oom_score_adj); mkdir /tmp/x-$$ 2>&1; echo mkdir=$?; "
           "touch /tmp/file-$$ && echo touch=ok")
-INIT = REPORT + "; echo init-done; exec sleep 100000"
+INIT = REPORT + "; echo pwd=$(pwd); echo spec_env=$SPEC_ENV; echo init-done; exec sleep 100000"
 
 
 def expected_caps(caps: dict) -> dict:
@@ -58,7 +58,8 @@ def parse(out: str) -> tuple[dict, dict]:
 @pytest.fixture(scope="module")
 def box(tmp_path_factory):
     base = tmp_path_factory.mktemp("process-spec")
-    process = {"terminal": False, "args": ["sh", "-c", INIT], "env": ["PATH=/bin"], "cwd": "/",
+    process = {"terminal": False, "args": ["sh", "-c", INIT], "env": ["PATH=/bin", "SPEC_ENV=from the spec"],
+               "cwd": "/etc",
                "user": {"uid": UID, "gid": GID, "additionalGids": GROUPS, "umask": UMASK},
                "capabilities": CAPS, "rlimits": [{"type": "RLIMIT_NOFILE", "hard": NOFILE, "soft": NOFILE}],
                "noNewPrivileges": True, "oomScoreAdj": OOM_SCORE_ADJ}
@@ -100,6 +101,7 @@ def test_the_init_process_gets_the_whole_spec(box):
     assert sorted(int(g) for g in extra["id"].split("groups=")[1].split(",")) == GROUPS
     assert "Operation not permitted" in box["init"] and extra["mkdir"] == "1"
     assert extra["touch"] == "ok"  # the filter denies mkdir, not writing to /tmp
+    assert extra["pwd"] == "/etc" and extra["spec_env"] == "from the spec"
 
 
 def test_exec_takes_the_containers_process_fields(box):

@@ -157,3 +157,14 @@ def test_leftover_share_dir_is_removed_without_touching_sources(tmp_path):
     assert sorted(os.listdir(path)) == ["rootfs"] and os.listdir(path / "rootfs") == []
     share_mod.remove_share_dir(path)
     assert not path.exists() and (data / "keep").exists()
+
+
+def test_features_report_what_the_agent_implements():
+    from kata_py.cli.features import features
+
+    linux = features()["linux"]
+    assert {"pid", "user", "mount", "cgroup"} <= set(linux["namespaces"])
+    assert linux["capabilities"][0] == "CAP_CHOWN" and "CAP_SYS_ADMIN" in linux["capabilities"]
+    assert linux["seccomp"]["enabled"] and "SCMP_ACT_ERRNO" in linux["seccomp"]["actions"]
+    assert "SCMP_ARCH_X86_64" in linux["seccomp"]["archs"]
+    assert {"rbind", "nosuid", "rslave"} <= set(features()["mountOptions"])
