@@ -31,7 +31,7 @@ def container_process(store: StateStore, container_id: str) -> dict:
     from .spec import load_bundle
 
     state = store.load(container_id)
-    _, config, _ = load_bundle(state.bundle)
+    _, config, _ = load_bundle(state.bundle, validate=False)
     return config.get("process") or {}
 
 

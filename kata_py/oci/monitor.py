@@ -49,7 +49,7 @@ def _stdio_fds(console) -> dict:
     return {"stdin_fd": 0, "stdout_fd": 1, "stderr_fd": 2}
 
 
-async def run_container(args, report: StatusPipe, claimed=None) -> int:
+async def run_container(args, report: StatusPipe, loaded, claimed=None) -> int:
     from ..image import ensure_image
     from ..network import attach_container, configure_guest, detach_container
     from ..sandbox.process import ProcessSession
@@ -59,11 +59,9 @@ async def run_container(args, report: StatusPipe, claimed=None) -> int:
     from .hooks import run_guest_hooks
     from .process_spec import agent_container_id, process_args, seccomp_args, vm_size
     from .share import ROOTFS_ENTRY, ContainerShare, remove_share_dir, share_dir_for
-    from .spec import load_bundle
 
     store = StateStore(args.root)
-    state = store.load(args.id)
-    bundle, config, rootfs = load_bundle(state.bundle)
+    state, (bundle, config, rootfs) = loaded
     process = config["process"]
     memory, cpus = vm_size(config)
     console = HostConsole() if process.get("terminal") else None
@@ -125,12 +123,18 @@ async def run_container(args, report: StatusPipe, claimed=None) -> int:
     return status
 
 
-def _claim_pooled_vm(args):
-    """A VM from the factory's pool when one runs and fits, else None (boot one)."""
-    from ..factory.pooled import claim_for
+def _load(args):
+    """The container's state and bundle; `create` has validated the bundle."""
     from .spec import load_bundle
 
-    _, config, _ = load_bundle(StateStore(args.root).load(args.id).bundle)
+    state = StateStore(args.root).load(args.id)
+    return state, load_bundle(state.bundle, validate=False)
+
+
+def _claim_pooled_vm(config: dict):
+    """A VM from the factory's pool when one runs and fits, else None (boot one)."""
+    from ..factory.pooled import claim_for
+
     claimed = claim_for(config)
     if claimed is not None:
         log.info("using pooled VM of standby %d", claimed.pid)
@@ -185,13 +189,14 @@ def main(argv: list[str] | None = None) -> None:
             # Before any thread exists: the container's share mounts live and die
             # with this process and its QEMU (see share.py), or with the
             # standby of a pooled VM, whose mount namespace this joins.
-            claimed = _claim_pooled_vm(args)
+            loaded = _load(args)
+            claimed = _claim_pooled_vm(loaded[1][1])
             if claimed is not None:
                 claimed.enter_mount_namespace()
             else:
                 from .share import enter_private_mount_namespace
                 enter_private_mount_namespace()
-            status = asyncio.run(run_container(args, report, claimed))
+            status = asyncio.run(run_container(args, report, loaded, claimed))
     except KataError as exc:
         log.error("%s", exc)
         report.send("error", str(exc))
