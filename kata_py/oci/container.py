@@ -144,6 +144,7 @@ def create(store: StateStore, container_id: str, bundle: str, pid_file: str | No
         except BaseException:
             _undo_network(store, container_id)
             store.remove(container_id)
+            remove_share_dir(share_dir_for(str(store.root), container_id))
             raise
     return proc
 
@@ -219,7 +220,7 @@ def update(store: StateStore, container_id: str, resources: dict) -> None:
         state.require("update", lambda status: status in (Status.CREATED, Status.RUNNING, Status.PAUSED))
         limit = (resources.get("memory") or {}).get("limit")
         if isinstance(limit, int) and limit > 0:
-            booted_mib, _ = vm_size(load_bundle(state.bundle)[1])
+            booted_mib, _ = vm_size(load_bundle(state.bundle, validate=False)[1])
             needed = -(-limit // (1 << 20)) + GUEST_OVERHEAD_MIB
             if needed > booted_mib:
                 raise ConfigError(f"update: a memory limit of {limit} needs a {needed} MiB VM; this container's "
