@@ -21,17 +21,36 @@ def add_parser(sub) -> None:
     parser.set_defaults(func=cmd_create)
 
 
-def check_preserve_fds(args) -> None:
+def check_create_flags(args) -> None:
+    """What can be refused before anything is created: a VM boot later, a missing
+    pid-file directory would leave a running container behind an error."""
+    import os
+    import stat
+    from pathlib import Path
+
     from ..errors import ConfigError
 
     if args.preserve_fds:
         raise ConfigError("--preserve-fds: host file descriptors cannot be passed into a VM sandbox")
+    if args.pid_file is not None:
+        target = Path(args.pid_file)
+        if not args.pid_file or target.is_dir():
+            raise ConfigError(f"--pid-file {args.pid_file!r}: not a file name")
+        if not target.resolve().parent.is_dir():
+            raise ConfigError(f"--pid-file {args.pid_file}: directory {target.resolve().parent} does not exist")
+    if args.console_socket is not None:
+        try:
+            mode = os.stat(args.console_socket).st_mode
+        except OSError as exc:
+            raise ConfigError(f"--console-socket {args.console_socket}: {exc.strerror}") from None
+        if not stat.S_ISSOCK(mode):
+            raise ConfigError(f"--console-socket {args.console_socket}: not a Unix socket")
 
 
 def cmd_create(args) -> int:
     from ..oci.container import create
 
-    check_preserve_fds(args)
+    check_create_flags(args)
     create(store(args), args.container_id, args.bundle, args.pid_file, args.console_socket, args.log,
            no_pivot=args.no_pivot)
     return 0

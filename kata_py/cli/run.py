@@ -1,7 +1,7 @@
 """`kata-py run`: create + start, then wait for the container (unless --detach)."""
 
 from .common import add_id, store
-from .create import add_create_flags, check_preserve_fds
+from .create import add_create_flags, check_create_flags
 
 
 def add_parser(sub) -> None:
@@ -18,7 +18,7 @@ def cmd_run(args) -> int:
 
     from ..oci.container import create, delete, start
 
-    check_preserve_fds(args)
+    check_create_flags(args)
     st = store(args)
     monitor = create(st, args.container_id, args.bundle, args.pid_file, args.console_socket, args.log,
                      no_pivot=args.no_pivot)
