@@ -32,6 +32,8 @@ def setup(log_file: str | None, log_format: str, debug: bool) -> None:
         handler = logging.FileHandler(log_file)
         handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
         root.addHandler(handler)
+        # Milestones of a container's start (kata_py/timing.py), for bench/.
+        logging.getLogger("kata_py.timing").setLevel(logging.INFO)
     elif debug:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(TextFormatter())

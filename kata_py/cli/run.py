@@ -17,22 +17,28 @@ def cmd_run(args) -> int:
     import signal
 
     from ..oci.container import create, delete, start
+    from ..timing import mark
 
+    mark("cli_run")
     check_create_flags(args)
     st = store(args)
     monitor = create(st, args.container_id, args.bundle, args.pid_file, args.console_socket, args.log,
                      no_pivot=args.no_pivot)
+    mark("cli_created")
     try:
         start(st, args.container_id)
     except BaseException:
         delete(st, args.container_id, force=True)
         raise
+    mark("cli_started")
     if args.detach:
         return 0
     # The monitor relays stdio and forwards signals; we pass ours to it.
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(signum, lambda s, _f: monitor.send_signal(s))
     status = monitor.wait()
+    mark("cli_monitor_exited")
     if not args.keep:
         delete(st, args.container_id, force=True)
+        mark("cli_deleted")
     return status if status >= 0 else 128 - status

@@ -62,6 +62,9 @@ def ensure_image(state_dir: Path | None = None, progress: bool = True) -> GuestI
     input files; apt is consulted only when a build is needed. (New Debian
     package versions are picked up by ``build_image``, e.g. ``kata-py image build``.)
     """
+    # The state dir holds the guest image, the accel probe and the package cache:
+    # 0700, created so or tightened (an older kata-py made it 0755).
+    paths.ensure_private_dir(_state(state_dir))
     image = find_image(state_dir)
     if image is not None and image.manifest.get("local_hash") == builder.local_hash(
             builder.Inputs.from_repo()):

@@ -173,7 +173,12 @@ class StateStore:
         return self.root / validate_id(container_id)
 
     def ensure_root(self) -> None:
+        """The state root, 0700 (as runc's): it names every container and holds
+        their state and locks. An existing root of ours that is looser is tightened."""
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = self.root.stat()
+        if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+            os.chmod(self.root, 0o700)
 
     @contextmanager
     def lock(self, container_id: str, create: bool = False, wait: bool = True):

@@ -15,11 +15,16 @@ from ..errors import AgentError, AgentTimeout, ProtocolError, VsockError
 from ..protocol import AGENT_PORT
 from ..protocol.framing import FrameError, encode_frame, read_frame
 from ..protocol.messages import SchemaError, check_reply, check_stream_ack
+from ..timing import mark
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 30.0
 MAX_PENDING = 256
+CLOSE_TIMEOUT = 5.0
+# Replies that mark a milestone of a container's start (see kata_py/timing.py).
+TIMED_REPLIES = {"ping": "agent_ready", "prepare_process": "process_prepared", "start_process": "process_started",
+                 "wait_process": "process_exited"}
 
 
 class AgentRequestError(AgentError):
@@ -76,7 +81,12 @@ class AgentClient:
                 try:
                     result = check_reply(message, request_type)
                 except SchemaError as exc:
-                    raise ProtocolError(f"invalid {request_type} reply from agent: {exc}") from None
+                    error = ProtocolError(f"invalid {request_type} reply from agent: {exc}")
+                    # Its entry is out of _pending already: _fail() would not reach it,
+                    # and the caller would wait for its timeout (or, with none, forever).
+                    if not future.done():
+                        future.set_exception(error)
+                    raise error from None
                 if not future.done():
                     if "error" in result:
                         err = result["error"]
@@ -112,16 +122,24 @@ class AgentClient:
         self._pending[request_id] = (request_type, future)
         self._writer.write(encode_frame({"id": request_id, "type": request_type, "args": args or {}}))
         try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout)
+            result = await asyncio.wait_for(asyncio.shield(future), timeout)
         except asyncio.TimeoutError:
             self._pending.pop(request_id, None)
             raise AgentTimeout(f"agent did not answer {request_type} within {timeout:.0f} s") from None
+        if request_type in TIMED_REPLIES:
+            # The guest's uptime in a ping reply maps guest times (console) onto host times.
+            mark(TIMED_REPLIES[request_type], **({"uptime": result.get("uptime")} if request_type == "ping" else {}))
+        return result
 
     async def close(self) -> None:
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
         self._writer.close()
         try:
-            await self._writer.wait_closed()
+            # Bounded: close() first flushes what is buffered, which never ends
+            # if the guest has stopped reading (frozen, or hostile).
+            await asyncio.wait_for(self._writer.wait_closed(), CLOSE_TIMEOUT)
+        except asyncio.TimeoutError:
+            self._writer.transport.abort()
         except (OSError, VsockError):
             pass

@@ -13,6 +13,11 @@ from pathlib import Path
 from .host import QEMU_BINARY, tsc_khz
 
 MACHINES = ("microvm", "q35")
+# QEMU's seccomp filter: QEMU may not fork or exec, change its uid/gid or
+# capabilities, change scheduling or affinity, or make syscalls QEMU itself
+# declares obsolete. A guest that takes over QEMU keeps only what a running VMM
+# needs.
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
 @dataclass
@@ -72,6 +77,7 @@ def build_argv(config: VMConfig, qmp_fd: int | None) -> list[str]:
         "-smp", str(config.cpus),
         "-object", f"memory-backend-memfd,id=mem,size={config.memory_mib}M,share=on",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-sandbox", SANDBOX,
         "-kernel", str(config.kernel),
         "-initrd", str(config.initrd),
         "-append", kernel_command_line(config),

@@ -11,13 +11,16 @@ import ctypes
 import enum
 import logging
 import os
+import re
 import signal
 import socket
 from pathlib import Path
 
 from qemu.qmp import QMPClient
 
+from .. import timing
 from ..errors import VMLaunchError
+from ..timing import mark
 from .cmdline import VMConfig, build_argv
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,25 @@ def tail(path: Path, limit: int = 4000) -> str:
         return ""
 
 
+# The agent's console lines carry the guest's uptime: kata-agent[12.345]: ...
+AGENT_CONSOLE_LINE = re.compile(rb"kata-agent\[(\d+\.\d+)\]: (started|listening)")
+
+
+def guest_milestones(console_log: Path) -> dict:
+    """Guest uptimes at which the agent started and began to listen, from the
+    console log (for timing records; the guest is untrusted, so only numbers
+    are taken, from the first 64 KiB)."""
+    try:
+        with open(console_log, "rb") as f:
+            head = f.read(65536)
+    except OSError:
+        return {}
+    found: dict = {}
+    for match in AGENT_CONSOLE_LINE.finditer(head):
+        found.setdefault(match.group(2).decode(), float(match.group(1)))
+    return found
+
+
 class QemuMachine:
     def __init__(self, config: VMConfig, run_dir: Path) -> None:
         self.config = config
@@ -84,8 +106,11 @@ class QemuMachine:
                 self.process = await asyncio.create_subprocess_exec(
                     *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=err, stderr=err,
                     pass_fds=[theirs.fileno(), *self.config.pass_fds], preexec_fn=_die_with_parent,
-                    start_new_session=True)
+                    # What QEMU creates (the QMP socket, the console log) is 0600: its owner's
+                    # alone. (9p passthrough sets the modes the guest asks for itself.)
+                    start_new_session=True, umask=0o177)
             theirs.close()
+            mark("qemu_spawned", qemu_pid=self.process.pid)
             self.qmp = QMPClient(self.config.name)
             connect = asyncio.ensure_future(self.qmp.connect(ours))
             exited = asyncio.ensure_future(self.process.wait())
@@ -100,6 +125,7 @@ class QemuMachine:
                 reason = "QEMU exited during start-up" if exited.done() else "QEMU did not answer on QMP"
                 raise self._launch_error(reason)
             exited.cancel()
+            mark("qmp_ready")
             self.state = VMState.RUNNING
         except BaseException:
             ours.close()
@@ -166,4 +192,6 @@ class QemuMachine:
                     self.process.kill()
                     await self.process.wait()
                 self.exit_code = self.process.returncode
+                if timing.log.isEnabledFor(logging.INFO):
+                    mark("qemu_exited", guest=guest_milestones(self.config.console_log))
             self.state = VMState.STOPPED

@@ -1,0 +1,21 @@
+"""Timing records: one log line per milestone of a container's life.
+
+`bench/` splits a cold start into its phases with them (QEMU spawned, guest
+kernel, agent ready, container created, process exited, torn down). They go
+to the `--log` file at level info, as `timing {"event": ..., "t": <unix time>}`;
+without a log file they cost one level check.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+log = logging.getLogger("kata_py.timing")
+
+
+def mark(event: str, **fields) -> None:
+    if log.isEnabledFor(logging.INFO):
+        log.info("timing %s", json.dumps({"event": event, "t": round(time.time(), 6), "pid": os.getpid(), **fields}))
