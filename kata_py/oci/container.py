@@ -29,6 +29,7 @@ from .state import (ContainerNotFound, ContainerState, StateStore, Status, proce
 
 CREATE_TIMEOUT = 600.0      # a first create may build the guest image
 MONITOR_EXIT_TIMEOUT = 15.0
+UNREACHABLE_EXIT_TIMEOUT = 3.0   # delete --force: the agent did not take the SIGKILL
 
 
 def _monitor_argv(root: str, container_id: str, status_fd: int, console_socket: str | None,
@@ -122,6 +123,7 @@ def create(store: StateStore, container_id: str, bundle: str, pid_file: str | No
                                annotations=config.get("annotations", {}), terminal=bool(process.get("terminal")),
                                config_hooks=config.get("hooks", {}), no_pivot=no_pivot)
         store.save(state)
+        proc = None
         try:
             proc, report = spawn_monitor(lambda fd: _monitor_argv(str(store.root), container_id, fd,
                                                                   console_socket, log_file))
@@ -142,6 +144,13 @@ def create(store: StateStore, container_id: str, bundle: str, pid_file: str | No
             if pid_file:
                 _write_pid_file(pid_file, proc.pid)
         except BaseException:
+            if proc is not None:
+                # The monitor reported a VM but create cannot finish (a full
+                # disk, a failing hook): end it, and what a SIGKILLed monitor
+                # cannot remove itself (its QEMU and back end go with it).
+                _stop(proc)
+                if state.run_dir:
+                    shutil.rmtree(state.run_dir, ignore_errors=True)
             _undo_network(store, container_id)
             store.remove(container_id)
             remove_share_dir(share_dir_for(str(store.root), container_id))
@@ -152,9 +161,10 @@ def create(store: StateStore, container_id: str, bundle: str, pid_file: str | No
 def start(store: StateStore, container_id: str) -> None:
     with store.locked(container_id) as state:
         state.require("start", Status.can_start)
-        asyncio.run(_start(state))
         state.status = Status.RUNNING.value
-        store.save(state)
+        commit = store.prepare(state)  # before the process is released: see prepare()
+        asyncio.run(_start(state))
+        commit()
     run_hooks("poststart", state.config_hooks.get("poststart", []), state.oci_state(), fatal=False)
 
 
@@ -269,6 +279,7 @@ def delete(store: StateStore, container_id: str, force: bool = False) -> None:
 def _delete(store: StateStore, container_id: str, force: bool) -> None:
     with store.locked(container_id) as state:
         status = state.require("delete", lambda status: force or status.can_delete())
+        exit_timeout = MONITOR_EXIT_TIMEOUT
         if status is not Status.STOPPED:
             try:
                 if status is Status.PAUSED:
@@ -276,8 +287,10 @@ def _delete(store: StateStore, container_id: str, force: bool) -> None:
                 asyncio.run(_agent_call(state, "signal_process",
                                         {"process_id": state.init_process, "signal": 9}, timeout=10))
             except KataError:
-                pass  # the VM is going or gone; the monitor is killed below if need be
-        if not _wait_monitor_exit(state, MONITOR_EXIT_TIMEOUT) and state.pid:
+                # The VM is going, gone or hung: a monitor whose VM is going
+                # exits at once; one whose guest hangs never will.
+                exit_timeout = UNREACHABLE_EXIT_TIMEOUT
+        if not _wait_monitor_exit(state, exit_timeout) and state.pid:
             try:
                 os.kill(state.pid, signal_module.SIGKILL)  # QEMU dies with it (PDEATHSIG)
             except ProcessLookupError:
@@ -324,17 +337,19 @@ def resume_vm(state: ContainerState) -> None:
 def pause(store: StateStore, container_id: str) -> None:
     with store.locked(container_id) as state:
         state.require("pause", Status.can_pause)
-        _qmp(state, "stop")  # the whole VM stops: the container is frozen with it
         state.status = Status.PAUSED.value
-        store.save(state)
+        commit = store.prepare(state)
+        _qmp(state, "stop")  # the whole VM stops: the container is frozen with it
+        commit()
 
 
 def resume(store: StateStore, container_id: str) -> None:
     with store.locked(container_id) as state:
         state.require("resume", Status.can_resume)
-        resume_vm(state)
         state.status = Status.RUNNING.value
-        store.save(state)
+        commit = store.prepare(state)
+        resume_vm(state)
+        commit()
 
 
 def exec_detached(store: StateStore, container_id: str, spec: dict, pid_file: str | None,

@@ -232,13 +232,30 @@ class StateStore:
         return ContainerState(**known)
 
     def save(self, state: ContainerState) -> None:
+        self.prepare(state)()
+
+    def prepare(self, state: ContainerState):
+        """Write `state` beside the current one; return the commit (a rename,
+        which needs no room). An operation that prepares before it acts fails
+        on a full disk before it has changed anything, so the state on disk
+        never disagrees with what was done."""
         directory = self.dir(state.id)
         tmp = directory / "state.json.tmp"
-        with open(tmp, "w") as f:
-            json.dump(asdict(state), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, directory / "state.json")
+        try:
+            with open(tmp, "w") as f:
+                json.dump(asdict(state), f)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise KataError(f"cannot record the state of container {state.id!r}: {exc.strerror}") from None
+
+        def commit() -> None:
+            try:
+                os.replace(tmp, directory / "state.json")
+            except OSError as exc:
+                raise KataError(f"cannot record the state of container {state.id!r}: {exc.strerror}") from None
+        return commit
 
     def remove(self, container_id: str) -> None:
         shutil.rmtree(self.dir(container_id), ignore_errors=True)

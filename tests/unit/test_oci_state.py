@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kata_py.errors import ConfigError
+from kata_py.errors import ConfigError, KataError
 from kata_py.oci.container import parse_signal
 from kata_py.oci.state import (MAX_ID, ContainerBusy, ContainerExists, ContainerNotFound, ContainerState,
                                StateStore, Status, process_start_time, validate_id)
@@ -92,10 +92,12 @@ def test_save_is_atomic_and_leaves_no_temp_file(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("kata_py.oci.state.json.dump", broken_dump)
-    with pytest.raises(OSError):
+    # A KataError, so the CLI prints one line rather than a traceback.
+    with pytest.raises(KataError, match="cannot record the state of container 'c1': No space left on device"):
         store.save(state(status="running"))
     monkeypatch.undo()
     assert path.read_bytes() == before
+    assert not (tmp_path / "c1" / "state.json.tmp").exists()
     store.save(state(status="running"))
     assert store.load("c1").status == "running"
     assert sorted(p.name for p in (tmp_path / "c1").iterdir()) == ["lock", "state.json"]
