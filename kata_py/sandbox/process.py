@@ -16,11 +16,14 @@ import os
 import secrets
 import signal
 import threading
+import time
 
 from ..errors import KataError
 from .agent_client import open_stream
 
 RELAY_CHUNK = 256 * 1024
+DRAIN_IDLE = 5.0        # after exit: seconds without output that end the relay
+DRAIN_LIMIT = 60.0      # after exit: the most the relay goes on
 DEFAULT_ENV = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root", "TERM=xterm"]
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -30,14 +33,45 @@ def exit_status(exit_code: int | None, signum: int | None) -> int:
     return 128 + signum if signum else int(exit_code or 0)
 
 
-async def _relay_out(reader: asyncio.StreamReader, fd: int) -> None:
+class _LastData:
+    """When output last arrived on any stream of a process, and whether some
+    is being written out now (to a slow reader: that is not the guest idling)."""
+
+    def __init__(self) -> None:
+        self.at = time.monotonic()
+        self.writing = 0
+
+
+async def _relay_out(reader: asyncio.StreamReader, fd: int, last: _LastData | None = None) -> None:
     loop = asyncio.get_running_loop()
     while True:
         data = await reader.read(RELAY_CHUNK)
         if not data:
             return
-        # Off the loop: a slow consumer of our stdout must not stall the other streams.
-        await loop.run_in_executor(None, _write_all, fd, data)
+        if last is None:
+            last = _LastData()
+        last.writing += 1
+        try:
+            # Off the loop: a slow consumer of our stdout must not stall the other streams.
+            await loop.run_in_executor(None, _write_all, fd, data)
+        finally:
+            last.writing -= 1
+            last.at = time.monotonic()
+
+
+async def _drain(relays: list[asyncio.Future], last: _LastData) -> None:
+    """After the process has exited: what it wrote is relayed in full, but a
+    stream the guest keeps open (a background child holding it, or a hostile
+    agent) is cut after DRAIN_IDLE seconds without data or DRAIN_LIMIT in all."""
+    deadline = time.monotonic() + DRAIN_LIMIT
+    pending = set(relays)
+    while pending:
+        now = time.monotonic()
+        if now >= deadline or (not last.writing and now >= last.at + DRAIN_IDLE):
+            return
+        done, pending = await asyncio.wait(pending, timeout=min(1.0, deadline - now))
+        for task in done:
+            task.result()
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -155,11 +189,15 @@ class ProcessSession:
         loop = asyncio.get_running_loop()
         if "stdin" in self.connections:
             _start_stdin_reader(self.fds["stdin"], self.connections["stdin"][1], loop)
-        relays = [asyncio.ensure_future(_relay_out(self.connections[name][0], self.fds[name]))
+        last = _LastData()
+        relays = [asyncio.ensure_future(_relay_out(self.connections[name][0], self.fds[name], last))
                   for name in ("stdout", "stderr") if name in self.connections]
         try:
+            # No timeout: the process runs as long as it runs. A VM that dies
+            # ends the wait (the connection closes); a hung one is for delete.
             result = await self.agent.request("wait_process", {"process_id": self.process_id}, timeout=None)
-            await asyncio.gather(*relays)
+            last.at = time.monotonic()
+            await _drain(relays, last)
         finally:
             for task in relays:
                 task.cancel()

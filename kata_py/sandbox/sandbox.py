@@ -64,7 +64,7 @@ class BootTimes:
 class Sandbox:
     def __init__(self, image, memory_mib: int = 128, cpus: int = 1, machine: str = "microvm",
                  accel: str | None = None, name: str | None = None, shares: list[Share] = (),
-                 qmp_socket: bool = False, nics: list = ()) -> None:
+                 qmp_socket: bool = False, nics: list = (), kernel_args: list[str] = ()) -> None:
         self.image = image
         self.memory_mib = memory_mib
         self.cpus = cpus
@@ -73,6 +73,9 @@ class Sandbox:
         self.name = name
         self.shares = list(shares)
         self.nics = list(nics)      # kata_py.network.GuestNic: a tap fd each, which QEMU inherits
+        self.kernel_args = list(kernel_args)    # appended to the guest kernel's command line
+        if any(not arg or any(c.isspace() for c in arg) for arg in self.kernel_args):
+            raise ValueError(f"kernel arguments must be single words: {self.kernel_args!r}")
         self.qmp_socket = qmp_socket
         self.run_dir: Path | None = None
         self.transport = None
@@ -104,7 +107,7 @@ class Sandbox:
             config = VMConfig(kernel=self.image.kernel, initrd=self.image.initrd,
                               console_log=self.run_dir / "console.log", memory_mib=self.memory_mib,
                               cpus=self.cpus, accel=accel, machine=self.machine_type,
-                              name=self.name or f"kata-py-{self.run_dir.name}")
+                              name=self.name or f"kata-py-{self.run_dir.name}", kernel_args=self.kernel_args)
             config.extra_args += self.transport.qemu_args(config.bus)
             for share in self.shares:
                 config.extra_args += share.qemu_args(config.bus)
@@ -130,6 +133,9 @@ class Sandbox:
         while time.monotonic() < deadline:
             if not self.machine.alive():
                 raise self._dead("the VM exited before its agent was ready")
+            if not getattr(self.transport, "alive", lambda: True)():
+                # QEMU runs on without its vhost-user back end; the agent is unreachable.
+                raise self._dead("the vsock back end exited before the agent was ready")
             try:
                 self.agent = await AgentClient.connect(self.transport, timeout=max(0.1, deadline - time.monotonic()))
                 self.agent_info = await self.agent.request("ping", timeout=max(0.1, deadline - time.monotonic()))
