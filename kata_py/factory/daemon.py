@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..vmm.host_cgroup import remove_host_cgroups
 from .wire import WireError, decode, encode, read_message
 
 log = logging.getLogger("kata_py.factory")
@@ -118,6 +119,7 @@ class Factory:
         (directory / "standby.sock").unlink(missing_ok=True)
         for run_dir in directory.glob("vm-*"):  # sockets and logs only
             shutil.rmtree(run_dir, ignore_errors=True)
+            remove_host_cgroups(run_dir.name)
         try:
             directory.rmdir()
         except OSError:

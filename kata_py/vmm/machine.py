@@ -22,6 +22,7 @@ from .. import timing
 from ..errors import VMLaunchError
 from ..timing import mark
 from .cmdline import VMConfig, build_argv
+from .host_cgroup import HostCgroup
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class QemuMachine:
         self.argv: list[str] = []
         self.stderr_log = run_dir / "qemu.log"
         self.exit_code: int | None = None
+        self.cgroup: HostCgroup | None = None
 
     @property
     def pid(self) -> int | None:
@@ -100,12 +102,19 @@ class QemuMachine:
         assert self.state is VMState.NEW, self.state
         self.state = VMState.LAUNCHING
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.cgroup = HostCgroup(self.run_dir.name, self.config.memory_mib, self.config.accel)
+        self.cgroup.create()
+
+        def preexec() -> None:
+            _die_with_parent()
+            self.cgroup.join()
+
         try:
             self.argv = build_argv(self.config, theirs.fileno())
             with open(self.stderr_log, "wb") as err:
                 self.process = await asyncio.create_subprocess_exec(
                     *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=err, stderr=err,
-                    pass_fds=[theirs.fileno(), *self.config.pass_fds], preexec_fn=_die_with_parent,
+                    pass_fds=[theirs.fileno(), *self.config.pass_fds], preexec_fn=preexec,
                     # What QEMU creates (the QMP socket, the console log) is 0600: its owner's
                     # alone. (9p passthrough sets the modes the guest asks for itself.)
                     start_new_session=True, umask=0o177)
@@ -194,4 +203,6 @@ class QemuMachine:
                 self.exit_code = self.process.returncode
                 if timing.log.isEnabledFor(logging.INFO):
                     mark("qemu_exited", guest=guest_milestones(self.config.console_log))
+            if self.cgroup is not None:
+                self.cgroup.remove()
             self.state = VMState.STOPPED

@@ -1,0 +1,95 @@
+"""A host cgroup for each VM's QEMU, with limits.
+
+QEMU runs the untrusted guest; bounding its memory and its task count on the
+host means that a guest driving QEMU to grow (or a QEMU bug it triggers)
+hits a wall in its own cgroup instead of the host's OOM killer. cgroup v2
+(unified) and v1 (one hierarchy per controller, as on Debian hosts booted
+with hybrid cgroups) are both handled. Where cgroups cannot be written (a
+host that delegates none to us), QEMU runs without one and a warning says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+ROOT = Path("/sys/fs/cgroup")
+PARENT = "kata-py"
+# QEMU's own memory beside guest RAM: TCG keeps translated code (up to 1 GiB
+# by default) and its buffers; KVM needs far less.
+OVERHEAD_MIB = {"tcg": 1024, "kvm": 256}
+PIDS_MAX = 512      # QEMU's vCPU, I/O and RCU threads, with room
+
+
+def _directories(name: str) -> list[tuple[Path, dict[str, str]]]:
+    """(cgroup dir, {limit file: value}) per hierarchy, for a VM named `name`."""
+    if (ROOT / "cgroup.controllers").exists():  # unified (v2)
+        return [(ROOT / PARENT / name, {"memory.max": "{memory}", "pids.max": str(PIDS_MAX)})]
+    found = []
+    if (ROOT / "memory" / "cgroup.procs").exists():
+        found.append((ROOT / "memory" / PARENT / name, {"memory.limit_in_bytes": "{memory}"}))
+    if (ROOT / "pids" / "cgroup.procs").exists():
+        found.append((ROOT / "pids" / PARENT / name, {"pids.max": str(PIDS_MAX)}))
+    return found
+
+
+class HostCgroup:
+    def __init__(self, name: str, guest_mib: int, accel: str) -> None:
+        self.name = name
+        self.memory = (guest_mib + OVERHEAD_MIB.get(accel, OVERHEAD_MIB["tcg"])) << 20
+        self.paths: list[Path] = []
+
+    def create(self) -> None:
+        for path, limits in _directories(self.name):
+            try:
+                if (ROOT / "cgroup.controllers").exists():
+                    _enable_v2_controllers(path.parent)
+                path.mkdir(parents=True, exist_ok=True)
+                self.paths.append(path)
+                for file, value in limits.items():
+                    (path / file).write_text(value.format(memory=self.memory))
+            except OSError as exc:
+                log.warning("QEMU runs without a host cgroup limit at %s: %s", path, exc.strerror)
+
+    def join(self) -> None:
+        """In the forked child, before exec: move itself into the cgroups."""
+        for path in self.paths:
+            try:
+                with open(path / "cgroup.procs", "w") as f:
+                    f.write("0")
+            except OSError:
+                pass
+
+    def remove(self) -> None:
+        remove_host_cgroups(self.name)
+        self.paths = []
+
+
+def _enable_v2_controllers(parent: Path) -> None:
+    parent.mkdir(exist_ok=True)
+    for directory in (ROOT, parent):
+        try:
+            (directory / "cgroup.subtree_control").write_text("+memory +pids")
+        except OSError:
+            pass
+
+
+def remove_host_cgroups(name: str, timeout: float = 2.0) -> None:
+    """Remove a VM's cgroups (empty once its QEMU is gone; the kernel may take
+    a moment to notice an exit, hence the short retry)."""
+    for path, _ in _directories(name):
+        deadline = time.monotonic() + timeout
+        while path.exists():
+            try:
+                os.rmdir(path)
+            except FileNotFoundError:
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    log.warning("host cgroup %s is still busy", path)
+                    break
+                time.sleep(0.05)
