@@ -44,6 +44,7 @@ class HostCgroup:
         self.paths: list[Path] = []
 
     def create(self) -> None:
+        sweep_stale()
         for path, limits in _directories(self.name):
             try:
                 if (ROOT / "cgroup.controllers").exists():
@@ -93,3 +94,30 @@ def remove_host_cgroups(name: str, timeout: float = 2.0) -> None:
                     log.warning("host cgroup %s is still busy", path)
                     break
                 time.sleep(0.05)
+
+
+STALE_AFTER = 120.0  # seconds: long past any launch that made a cgroup and has yet to join it
+
+
+def sweep_stale() -> None:
+    """Remove empty VM cgroups whose QEMU is long gone: what a monitor killed
+    before it could report its run directory leaves behind. Empty and old
+    only, so that a cgroup another launch just made is never taken from it."""
+    now = time.time()
+    for path, _ in _directories("x"):
+        try:
+            entries = list(os.scandir(path.parent))
+        except OSError:
+            continue
+        for entry in entries:
+            if not entry.name.startswith("vm-") or not entry.is_dir(follow_symlinks=False):
+                continue
+            try:
+                if now - entry.stat().st_mtime < STALE_AFTER:
+                    continue
+                with open(os.path.join(entry.path, "cgroup.procs")) as f:
+                    if f.read().strip():
+                        continue
+                os.rmdir(entry.path)
+            except OSError:
+                continue  # busy, or gone meanwhile

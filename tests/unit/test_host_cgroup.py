@@ -35,3 +35,20 @@ def test_limits_join_and_removal():
     finally:
         cg.remove()
     assert not any(p.exists() for p in cg.paths) and all(not p.exists() for p, _ in host_cgroup._directories(cg.name))
+
+
+def test_stale_empty_cgroups_are_swept_fresh_ones_kept():
+    stale = host_cgroup.HostCgroup(f"vm-stale-{os.getpid()}", guest_mib=128, accel="tcg")
+    fresh = host_cgroup.HostCgroup(f"vm-fresh-{os.getpid()}", guest_mib=128, accel="tcg")
+    stale.create()
+    fresh.create()
+    try:
+        old = host_cgroup.time.time() - 2 * host_cgroup.STALE_AFTER
+        for path in stale.paths:
+            os.utime(path, (old, old))
+        host_cgroup.sweep_stale()
+        assert not any(p.exists() for p in stale.paths)
+        assert all(p.exists() for p in fresh.paths)
+    finally:
+        stale.remove()
+        fresh.remove()
