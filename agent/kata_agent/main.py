@@ -10,6 +10,7 @@ import threading
 from .cgroups import enable_controllers
 from .container import Containers
 from .handlers import Handlers
+from .hostile import Hostile
 from .pid1 import BASE_MOUNTS, Pid1, log
 from .processes import ProcessTable
 from .server import Server
@@ -43,9 +44,12 @@ def main() -> None:
     pid1.load_modules(modules[:split])
     log(f"loaded {split} boot modules")
 
+    hostile = Hostile.from_cmdline()    # None unless a test asked for it on the kernel command line
+    if hostile is not None:
+        hostile.at_boot()
     table = ProcessTable()
     modules_ready = threading.Event()
-    server = Server(table, Handlers(table, pid1.power_off, Containers(pid1.sys, modules_ready)))
+    server = Server(table, Handlers(table, pid1.power_off, Containers(pid1.sys, modules_ready)), hostile)
     listener = server.listen()
     log("listening on vsock port 1024")
 

@@ -18,9 +18,10 @@ MAX_CONNECTIONS = 512
 
 
 class Server:
-    def __init__(self, table: ProcessTable, handlers: Handlers) -> None:
+    def __init__(self, table: ProcessTable, handlers: Handlers, hostile=None) -> None:
         self.table = table
         self.handlers = handlers
+        self.hostile = hostile      # hostile.Hostile: only with kata_agent.hostile= on the kernel command line
         self.connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
 
     def listen(self, port: int = AGENT_PORT) -> socket.socket:
@@ -44,6 +45,9 @@ class Server:
             hello = check_hello(recv_frame(conn))
             conn.settimeout(None)
             if hello["role"] == "stream":
+                if self.hostile is not None and self.hostile.take_stream(conn, hello):
+                    keep_open = True
+                    return
                 try:
                     self.table.attach(hello["process_id"], hello["stream"], conn)
                 except ProcessError as exc:
@@ -70,6 +74,8 @@ class Server:
                 request_id = message.get("id") if isinstance(message.get("id"), int) else 0
                 self._reply(conn, send_lock, {"id": request_id, "ok": False,
                                               "error": {"code": "invalid", "message": str(exc)[:4000]}})
+                continue
+            if self.hostile is not None and self.hostile.take(conn, send_lock, request_id, request_type, args):
                 continue
             threading.Thread(target=self._handle, args=(conn, send_lock, request_id, request_type, args),
                              daemon=True).start()

@@ -134,6 +134,9 @@ class Sandbox:
             if not self.machine.alive():
                 raise self._dead("the VM exited before its agent was ready")
             if not getattr(self.transport, "alive", lambda: True)():
+                # The back end also ends when QEMU does: then QEMU's exit is the news.
+                if await self.machine.wait(1.0) is not None:
+                    raise self._dead("the VM exited before its agent was ready")
                 # QEMU runs on without its vhost-user back end; the agent is unreachable.
                 raise self._dead("the vsock back end exited before the agent was ready")
             try:
