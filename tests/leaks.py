@@ -7,9 +7,9 @@ this session's run directory or one of the test's roots, or its environment
 carries this session's KATA_PY_RUN_DIR; a mount, socket or file is ours when
 its path is under one of those directories; taps and tc filters are looked
 for in the network namespaces the test made (and kata-py's tap names in the
-host's); cgroups are those with "kata" in their name that appeared meanwhile
-and name one of `tokens` (the test's container ids: kata-py names what it
-makes for a container after it); temp entries are those of the temp
+host's); cgroups are kata-py's VM cgroups that appeared meanwhile and are
+empty (a QEMU still in one is reported as a process), and kata cgroups that
+name one of `tokens` (the test's container ids); temp entries are those of the temp
 directory the test gave kata-py (TMPDIR), or, without one, those of the
 system's that carry kata-py's prefixes.
 
@@ -216,6 +216,11 @@ class LeakChecker:
         return found
 
     def cgroups(self) -> set[str]:
+        """kata-py's VM cgroups (<hierarchy>/kata-py/vm-*, kata_py.vmm.host_cgroup)
+        once empty, and any kata cgroup that names one of the tokens. An empty
+        VM cgroup is what a leak looks like; while a QEMU still runs in it, the
+        QEMU is what the process check reports (and other sessions' live VMs
+        are not ours to count)."""
         found = set()
         if not CGROUP_ROOT.is_dir():
             return found
@@ -224,7 +229,12 @@ class LeakChecker:
             depth = len(Path(dirpath).parts) - base_depth
             if depth >= CGROUP_DEPTH:
                 dirnames[:] = []
-            if "kata" in os.path.basename(dirpath).lower() and any(t in dirpath for t in self.tokens):
+            path = Path(dirpath)
+            if "kata" not in dirpath.lower() or path == CGROUP_ROOT:
+                continue
+            if any(t in path.name for t in self.tokens):
+                found.add(dirpath)
+            elif path.parent.name == "kata-py" and not _read(f"{dirpath}/cgroup.procs").strip():
                 found.add(dirpath)
         return found
 

@@ -70,21 +70,23 @@ def test_mounts_and_cgroups(scope, tmp_path):
     target = root / "mnt"
     target.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(target)], check=True)
-    cgroup = f"/sys/fs/cgroup/pids/kata-py-c-test-{os.getpid()}"
-    made_cgroup = False
-    try:
-        os.mkdir(cgroup)
-        made_cgroup = True
-    except OSError:
-        pass  # no writable pids hierarchy here: the mount is checked alone
+    # One named after a container, one as kata-py names a VM's (empty: its QEMU is gone).
+    cgroups = [f"/sys/fs/cgroup/pids/kata-py-c-test-{os.getpid()}",
+               f"/sys/fs/cgroup/pids/kata-py/vm-leak{os.getpid()}"]
+    made = []
+    for cgroup in cgroups:
+        try:
+            os.makedirs(cgroup)
+            made.append(cgroup)
+        except OSError:
+            pass  # no writable pids hierarchy here: the mount is checked alone
     try:
         found = checker.leaks(before)
         assert [entry.split(" ")[0] for entry in found["mounts"]] == [str(target)]
-        if made_cgroup:
-            assert found["cgroups"] == [cgroup]
+        assert found.get("cgroups", []) == sorted(made)
     finally:
         subprocess.run(["umount", str(target)], check=True)
-        if made_cgroup:
+        for cgroup in made:
             os.rmdir(cgroup)
     target.rmdir()
     assert checker.leaks(before) == {}
