@@ -19,7 +19,7 @@ from . import logging_setup
 # state` does not pay for what `kata-py vm run` needs.
 SUBCOMMANDS = {name: name for name in (
     "create", "start", "state", "kill", "delete", "run", "exec", "list", "ps", "events", "update", "pause", "resume",
-    "spec", "features", "vm", "check", "image", "factory")}
+    "spec", "features", "vm", "check", "image", "factory", "harness")}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,80 @@
+"""A runc-compatible runtime driven through its command line, with a state
+root of its own: kata-py itself, runc, crun, or any executable that takes
+runc's commands."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from ..errors import ConfigError, KataError
+
+KNOWN = {"runc": "runc", "crun": "crun"}  # name -> executable on PATH (Debian packages of the same names)
+
+
+class HarnessError(KataError):
+    """The harness could not run its battery (the runtime failed to create the container, ...)."""
+
+
+class Runtime:
+    def __init__(self, name: str, argv: list[str], root: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    @classmethod
+    def resolve(cls, spec: str, root: Path) -> "Runtime":
+        if spec == "kata-py":
+            return cls("kata-py", [sys.executable, "-m", "kata_py.cli.main"], root)
+        if spec in KNOWN:
+            path = shutil.which(KNOWN[spec])
+            if path is None:
+                raise ConfigError(f"--runtime {spec}: {KNOWN[spec]} is not installed (Debian package {spec})")
+            return cls(spec, [path], root)
+        if os.sep in spec and os.access(spec, os.X_OK) and os.path.isfile(spec):
+            return cls(os.path.basename(spec), [os.path.abspath(spec)], root)
+        raise ConfigError(f"--runtime {spec}: expected kata-py, runc, crun or the path of an executable")
+
+    def command(self, *args: str) -> list[str]:
+        return [*self.argv, "--root", str(self.root), *args]
+
+    def version(self) -> str:
+        try:
+            result = subprocess.run([*self.argv, "--version"], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"unknown ({exc})"
+        return (result.stdout.strip().splitlines() or ["unknown"])[0]
+
+    def start(self, bundle: Path, container_id: str, log: Path) -> None:
+        """`run --detach`. The container's init inherits its stdio, so it gets
+        a file (`log`), never a pipe that would stay open as long as it runs."""
+        with open(log, "wb") as out:
+            result = subprocess.run(self.command("run", "--detach", "--bundle", str(bundle), container_id),
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=out, timeout=900)
+        if result.returncode != 0:
+            raise HarnessError(f"{self.name} could not run the harness container: "
+                               f"{log.read_text(errors='replace').strip()[-500:]}")
+
+    def exec(self, container_id: str, argv: list[str], timeout: float) -> tuple[int, str]:
+        try:
+            result = subprocess.run(self.command("exec", container_id, *argv), stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            return -1, (exc.output or b"").decode(errors="replace") + f"\n(the exec ran past {timeout:.0f} s)"
+        return result.returncode, result.stdout.decode(errors="replace")
+
+    def exec_interactive(self, container_id: str, argv: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(self.command("exec", container_id, *argv), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def delete(self, container_id: str) -> str | None:
+        """`delete --force`; the error, if it failed."""
+        result = subprocess.run(self.command("delete", "--force", container_id), stdin=subprocess.DEVNULL,
+                                capture_output=True, timeout=120)
+        if result.returncode != 0:
+            return result.stderr.decode(errors="replace").strip()[-500:]
+        return None
