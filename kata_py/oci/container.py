@@ -22,7 +22,7 @@ from ..errors import ConfigError, KataError
 from .exec_process import connect
 from .hooks import run_guest_hooks, run_hooks
 from .process_spec import agent_container_id
-from .share import remove_share_dir, share_dir_for
+from .share import remove_share_dir, sandbox_dir_for, share_dir_for
 from .spec import load_bundle
 from .state import (ContainerNotFound, ContainerState, StateStore, Status, process_start_time,
                     validate_id)
@@ -151,6 +151,7 @@ def create(store: StateStore, container_id: str, bundle: str, pid_file: str | No
                 _stop(proc)
                 if state.run_dir:
                     shutil.rmtree(state.run_dir, ignore_errors=True)
+            _remove_vm_leftovers(store, container_id)
             _undo_network(store, container_id)
             store.remove(container_id)
             remove_share_dir(share_dir_for(str(store.root), container_id))
@@ -298,11 +299,22 @@ def _delete(store: StateStore, container_id: str, force: bool) -> None:
             _wait_monitor_exit(state, 5.0)
         if state.run_dir:
             shutil.rmtree(state.run_dir, ignore_errors=True)
+        _remove_vm_leftovers(store, container_id)
         _undo_network(store, container_id)
         remove_share_dir(share_dir_for(str(store.root), container_id))
         store.remove(container_id)
     run_hooks("poststop", state.config_hooks.get("poststop", []), dict(state.oci_state(), status="stopped"),
               fatal=False)
+
+
+def _remove_vm_leftovers(store: StateStore, container_id: str) -> None:
+    """The VM's run directory and host cgroups, where a monitor killed before
+    it could clean up (or even report) left them: found by (root, id)."""
+    from ..vmm.host_cgroup import remove_host_cgroups
+
+    run_dir = sandbox_dir_for(str(store.root), container_id)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    remove_host_cgroups(run_dir.name)  # its QEMU died with the monitor (PDEATHSIG)
 
 
 def _undo_network(store: StateStore, container_id: str) -> None:

@@ -58,7 +58,7 @@ async def run_container(args, report: StatusPipe, loaded, claimed=None) -> int:
     from .guest_spec import create_container_args
     from .hooks import run_guest_hooks
     from .process_spec import agent_container_id, process_args, seccomp_args, vm_size
-    from .share import ROOTFS_ENTRY, ContainerShare, remove_share_dir, share_dir_for
+    from .share import ROOTFS_ENTRY, ContainerShare, remove_share_dir, sandbox_dir_for, share_dir_for
 
     store = StateStore(args.root)
     state, (bundle, config, rootfs) = loaded
@@ -81,6 +81,7 @@ async def run_container(args, report: StatusPipe, loaded, claimed=None) -> int:
         else:
             network = await attach_container(config, store.dir(args.id))
             sandbox = Sandbox(ensure_image(progress=False), memory_mib=memory, cpus=cpus,
+                              run_dir=sandbox_dir_for(args.root, args.id),
                               shares=[Share("rootfs", share.path)], qmp_socket=True,
                               name=f"kata-py-{args.id[:40]}", nics=network.nics)
             await sandbox.start()

@@ -28,11 +28,21 @@ class ShareError(KataError):
     pass
 
 
+def _digest(root: str, container_id: str) -> str:
+    return hashlib.sha256(f"{os.path.abspath(root)}\0{container_id}".encode()).hexdigest()[:20]
+
+
 def share_dir_for(root: str, container_id: str) -> Path:
     """Where a container's share lives: fixed by (state root, id), so that
     `delete` finds it even when the monitor died before reporting."""
-    digest = hashlib.sha256(f"{os.path.abspath(root)}\0{container_id}".encode()).hexdigest()[:20]
-    return paths.run_dir() / f"share-{digest}"
+    return paths.run_dir() / f"share-{_digest(root, container_id)}"
+
+
+def sandbox_dir_for(root: str, container_id: str) -> Path:
+    """The run directory of a container's VM (sockets, logs; its host cgroups
+    take its name), fixed the same way and for the same reason: a monitor
+    killed while it boots has not reported it yet."""
+    return paths.run_dir() / f"vm-{_digest(root, container_id)}"
 
 
 def enter_private_mount_namespace() -> None:

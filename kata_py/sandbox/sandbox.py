@@ -64,7 +64,8 @@ class BootTimes:
 class Sandbox:
     def __init__(self, image, memory_mib: int = 128, cpus: int = 1, machine: str = "microvm",
                  accel: str | None = None, name: str | None = None, shares: list[Share] = (),
-                 qmp_socket: bool = False, nics: list = (), kernel_args: list[str] = ()) -> None:
+                 qmp_socket: bool = False, nics: list = (), kernel_args: list[str] = (),
+                 run_dir: Path | None = None) -> None:
         self.image = image
         self.memory_mib = memory_mib
         self.cpus = cpus
@@ -77,6 +78,9 @@ class Sandbox:
         if any(not arg or any(c.isspace() for c in arg) for arg in self.kernel_args):
             raise ValueError(f"kernel arguments must be single words: {self.kernel_args!r}")
         self.qmp_socket = qmp_socket
+        # A run directory of the caller's choosing (made afresh), so that it can
+        # be found and removed without this object; else a new one under paths.run_dir().
+        self.chosen_run_dir = Path(run_dir) if run_dir is not None else None
         self.run_dir: Path | None = None
         self.transport = None
         self.machine: QemuMachine | None = None
@@ -99,7 +103,12 @@ class Sandbox:
         started = time.monotonic()
         try:
             base = paths.ensure_private_dir(paths.run_dir())
-            self.run_dir = Path(tempfile.mkdtemp(prefix="vm-", dir=base))
+            if self.chosen_run_dir is not None:
+                shutil.rmtree(self.chosen_run_dir, ignore_errors=True)  # an earlier VM's, killed
+                self.chosen_run_dir.mkdir(mode=0o700)
+                self.run_dir = self.chosen_run_dir
+            else:
+                self.run_dir = Path(tempfile.mkdtemp(prefix="vm-", dir=base))
             accel = self.accel or choose_accel(self.image.kernel, self.image.floor_initrd, paths.state_dir()).accel
             self.transport = choose_transport(self.run_dir)
             if hasattr(self.transport, "start"):
