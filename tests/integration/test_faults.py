@@ -375,20 +375,24 @@ class Trial:
         subprocess.run(["umount", str(self.root)], check=False)
 
 
-def run_trials(base: Path, plan: list[tuple[str, str]], namespaces, use_netns: list[bool],
-               delays: list[float]) -> None:
+def run_trials(base: Path, plan: list[tuple[str, str]], made_namespaces, use_netns: list[bool],
+               delays: list[float], keep_going: bool = False) -> list[str]:
+    """Each trial in turn; the failures, as lines (with keep_going, the run goes
+    on past them: a long run reports every one at the end)."""
+    failures = []
     for number, ((stage, fault), with_netns, delay) in enumerate(zip(plan, use_netns, delays)):
         netns = None
         if with_netns:
-            netns = namespaces.create()
-            namespaces.veth(None, f"kpf{os.getpid() % 100000}-{number}"[:15], "10.77.0.1/24", netns, "eth0",
+            netns = made_namespaces.create()
+            made_namespaces.veth(None, f"kpf{os.getpid() % 100000}-{number}"[:15], "10.77.0.1/24", netns, "eth0",
                             "10.77.0.2/24")
         trial = Trial(base / f"t{number}", stage, fault, netns, f"kpf{os.getpid()}-{number}", delay)
         checker = LeakChecker(roots=[trial.root, trial.bundle], netns=[netns] if netns else [], tokens=[trial.id],
                               temp_dir=trial.tmp)
         before = checker.snapshot()
-        print(f"trial {number}: {stage} x {fault}{' (netns)' if netns else ''}"
-              f"{f' after {delay:.1f} s' if stage == 'booting' else ''}", end=" ", flush=True)
+        what = (f"trial {number}: {stage} x {fault}{' (netns)' if netns else ''}"
+                f"{f' after {delay:.1f} s' if stage == 'booting' else ''}")
+        print(what, end=" ", flush=True)
         started = time.monotonic()
         try:
             try:
@@ -397,10 +401,16 @@ def run_trials(base: Path, plan: list[tuple[str, str]], namespaces, use_netns: l
                 trial.finish()
             checker.assert_clean(before)
             print(f"clean, {time.monotonic() - started:.0f} s", flush=True)
+        except Exception as exc:
+            print(f"FAILED after {time.monotonic() - started:.0f} s: {exc}", flush=True)
+            failures.append(f"{what}: {str(exc)[:2000]}")
+            if not keep_going:
+                raise
         finally:
             trial.unmount()
             if netns:
-                namespaces.cleanup()
+                made_namespaces.cleanup()
+    return failures
 
 
 def plan_trials() -> tuple[int, list[tuple[str, str]], list[bool], list[float]]:
@@ -421,4 +431,6 @@ def test_random_faults(tmp_path, namespaces):  # noqa: F811
     seed, plan, use_netns, delays = plan_trials()
     print(f"fault trials: {len(plan)}, seed {seed} (replay: KATA_PY_FAULT_SEED={seed} "
           f"KATA_PY_FAULT_TRIALS={len(plan)})", flush=True)
-    run_trials(tmp_path, plan, namespaces, use_netns, delays)
+    failures = run_trials(tmp_path, plan, namespaces, use_netns, delays,
+                          keep_going=bool(os.environ.get("KATA_PY_FAULT_TRIALS")))
+    assert not failures, f"{len(failures)} of {len(plan)} trials failed:\n" + "\n".join(failures)
