@@ -22,7 +22,26 @@ SUBCOMMANDS = {name: name for name in (
     "spec", "features", "vm", "check", "image", "factory", "harness")}
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Global options that take a value (the word after them is not a subcommand).
+VALUE_OPTIONS = ("--log", "--log-format", "--root", "--rootless")
+
+
+def named_command(argv: list[str]) -> str | None:
+    """The subcommand argv names (its first word that is neither a global
+    option nor an option's value), if it is one of ours."""
+    words = iter(argv)
+    for word in words:
+        if word in VALUE_OPTIONS:
+            next(words, None)
+        elif not word.startswith("-"):
+            return word if word in SUBCOMMANDS else None
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; given argv naming a subcommand, with only that subcommand's
+    module imported (`kata-py state` must not pay for `vm run`'s asyncio). Help,
+    a typo or no subcommand get them all."""
     parser = argparse.ArgumentParser(prog="kata-py", description="VM-sandboxed OCI container runtime")
     parser.add_argument("--version", "-v", action="version", version=f"kata-py version {__version__}")
     parser.add_argument("--debug", action="store_true", help="enable debug logging")
@@ -34,13 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "so the host's cgroup manager is not involved")
     parser.add_argument("--rootless", default="false", help="only false is supported")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    command = named_command(argv) if argv is not None and "-h" not in argv and "--help" not in argv else None
     for name, module in SUBCOMMANDS.items():
-        importlib.import_module(f"{__package__}.{module}").add_parser(sub)
+        if command is None or name == command:
+            importlib.import_module(f"{__package__}.{module}").add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help(sys.stderr)
