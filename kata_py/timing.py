@@ -15,6 +15,11 @@ import time
 
 log = logging.getLogger("kata_py.timing")
 
+# Agent replies that mark a milestone, by request type. (A ping's reply also
+# carries the guest's uptime, which places the guest's console times.)
+REPLY_MILESTONES = {"ping": "agent_ready", "prepare_process": "process_prepared", "start_process": "process_started",
+                    "wait_process": "process_exited"}
+
 
 def mark(event: str, **fields) -> None:
     if log.isEnabledFor(logging.INFO):

@@ -6,7 +6,6 @@ changes anything, and leaves nothing behind when it fails.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import pwd
@@ -19,7 +18,6 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError, KataError
-from .exec_process import connect
 from .hooks import run_guest_hooks, run_hooks
 from .process_spec import agent_container_id
 from .share import remove_share_dir, sandbox_dir_for, share_dir_for
@@ -164,12 +162,20 @@ def start(store: StateStore, container_id: str) -> None:
         state.require("start", Status.can_start)
         state.status = Status.RUNNING.value
         commit = store.prepare(state)  # before the process is released: see prepare()
-        asyncio.run(_start(state))
+        if state.config_hooks.get("startContainer"):
+            import asyncio
+
+            asyncio.run(_start(state))
+        else:
+            _agent_call(state, "start_process", {"process_id": state.init_process})
         commit()
     run_hooks("poststart", state.config_hooks.get("poststart", []), state.oci_state(), fatal=False)
 
 
 async def _start(state: ContainerState) -> None:
+    """start with startContainer hooks, which run in the guest (asyncio)."""
+    from .exec_process import connect
+
     handle = await connect(state)
     try:
         hooks = state.config_hooks.get("startContainer", [])
@@ -185,12 +191,18 @@ async def _start(state: ContainerState) -> None:
         await handle.agent.close()
 
 
-async def _agent_call(state: ContainerState, request: str, args: dict, timeout: float = 30.0) -> dict:
-    handle = await connect(state)
+def _agent_call(state: ContainerState, request: str, args: dict, timeout: float = 30.0) -> dict:
+    """One request to the container's agent. Blocking, without asyncio: the
+    short commands (kill, start, ps, ...) would spend as much CPU importing
+    asyncio as on everything else."""
+    from ..errors import VsockError
+    from ..sandbox import agent_sync
+
     try:
-        return await handle.agent.request(request, args, timeout=timeout)
-    finally:
-        await handle.agent.close()
+        transport = agent_sync.transport_of(state.vsock, state.run_dir)
+        return agent_sync.request(transport, request, args, timeout=timeout)
+    except (VsockError, OSError) as exc:
+        raise KataError(f"container {state.id!r}: cannot reach its VM's agent: {exc}") from None
 
 
 def parse_signal(text: str) -> int:
@@ -216,10 +228,10 @@ def kill(store: StateStore, container_id: str, signum: int, all_processes: bool 
         # delivers a SIGKILL to a frozen container once thawed).
         resume_vm(state)
     if all_processes and status is not Status.CREATED:
-        asyncio.run(_agent_call(state, "signal_container", {"container_id": agent_container_id(container_id),
-                                                             "signal": signum}))
+        _agent_call(state, "signal_container", {"container_id": agent_container_id(container_id),
+                                                "signal": signum})
     else:
-        asyncio.run(_agent_call(state, "signal_process", {"process_id": state.init_process, "signal": signum}))
+        _agent_call(state, "signal_process", {"process_id": state.init_process, "signal": signum})
 
 
 def update(store: StateStore, container_id: str, resources: dict) -> None:
@@ -236,20 +248,20 @@ def update(store: StateStore, container_id: str, resources: dict) -> None:
             if needed > booted_mib:
                 raise ConfigError(f"update: a memory limit of {limit} needs a {needed} MiB VM; this container's "
                                   f"VM has {booted_mib} MiB (sized at create): recreate it with the larger limit")
-        asyncio.run(_agent_call(state, "update_container", {"container_id": agent_container_id(container_id),
-                                                            "resources": resources}))
+        _agent_call(state, "update_container", {"container_id": agent_container_id(container_id),
+                                                "resources": resources})
 
 
 def stats(store: StateStore, container_id: str) -> dict:
     state = store.load(container_id)
     state.require("read stats of", lambda status: status in (Status.CREATED, Status.RUNNING))
-    return asyncio.run(_agent_call(state, "container_stats", {"container_id": agent_container_id(container_id)}))
+    return _agent_call(state, "container_stats", {"container_id": agent_container_id(container_id)})
 
 
 def processes(store: StateStore, container_id: str) -> list[dict]:
     state = store.load(container_id)
     state.require("list processes of", lambda status: status in (Status.RUNNING, Status.PAUSED, Status.CREATED))
-    reply = asyncio.run(_agent_call(state, "list_processes", {"container_id": agent_container_id(container_id)}))
+    reply = _agent_call(state, "list_processes", {"container_id": agent_container_id(container_id)})
     return reply["processes"]
 
 
@@ -285,8 +297,7 @@ def _delete(store: StateStore, container_id: str, force: bool) -> None:
             try:
                 if status is Status.PAUSED:
                     resume_vm(state)
-                asyncio.run(_agent_call(state, "signal_process",
-                                        {"process_id": state.init_process, "signal": 9}, timeout=10))
+                _agent_call(state, "signal_process", {"process_id": state.init_process, "signal": 9}, timeout=10)
             except KataError:
                 # The VM is going, gone or hung: a monitor whose VM is going
                 # exits at once; one whose guest hangs never will.
@@ -327,6 +338,8 @@ def _undo_network(store: StateStore, container_id: str) -> None:
 
 
 def _qmp(state: ContainerState, command: str) -> None:
+    import asyncio
+
     from qemu.qmp import QMPClient
 
     async def go():

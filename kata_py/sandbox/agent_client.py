@@ -15,16 +15,13 @@ from ..errors import AgentError, AgentTimeout, ProtocolError, VsockError
 from ..protocol import AGENT_PORT
 from ..protocol.framing import FrameError, encode_frame, read_frame
 from ..protocol.messages import SchemaError, check_reply, check_stream_ack
-from ..timing import mark
+from ..timing import REPLY_MILESTONES, mark
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 30.0
 MAX_PENDING = 256
 CLOSE_TIMEOUT = 5.0
-# Replies that mark a milestone of a container's start (see kata_py/timing.py).
-TIMED_REPLIES = {"ping": "agent_ready", "prepare_process": "process_prepared", "start_process": "process_started",
-                 "wait_process": "process_exited"}
 
 
 class AgentRequestError(AgentError):
@@ -126,9 +123,8 @@ class AgentClient:
         except asyncio.TimeoutError:
             self._pending.pop(request_id, None)
             raise AgentTimeout(f"agent did not answer {request_type} within {timeout:.0f} s") from None
-        if request_type in TIMED_REPLIES:
-            # The guest's uptime in a ping reply maps guest times (console) onto host times.
-            mark(TIMED_REPLIES[request_type], **({"uptime": result.get("uptime")} if request_type == "ping" else {}))
+        if request_type in REPLY_MILESTONES:
+            mark(REPLY_MILESTONES[request_type], **({"uptime": result.get("uptime")} if request_type == "ping" else {}))
         return result
 
     async def close(self) -> None:

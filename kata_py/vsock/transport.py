@@ -6,7 +6,6 @@ otherwise kata-py's own vhost-user-vsock back end with a hybrid vsock socket.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import random
 import signal
@@ -158,6 +157,8 @@ class HybridVsock:
 
     async def open_connection(self, port: int, timeout: float
                               ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        import asyncio  # here, not at the top: the CLI's short commands connect without it
+
         line = hybrid.connect_line(port)
 
         async def handshake():
@@ -259,6 +260,8 @@ class KernelVsock:
 
     async def open_connection(self, port: int, timeout: float
                               ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        import asyncio
+
         sock = self._socket()
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
