@@ -31,6 +31,23 @@ def transport_of(vsock: dict, run_dir: str | None):
     return HybridVsock(Path(run_dir))
 
 
+class _Deadline:
+    """A socket whose every recv() gets only the time left until `deadline`:
+    with one timeout per recv, a guest sending a byte at a time would stretch
+    a frame's read without bound."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.deadline = deadline
+
+    def recv(self, size: int) -> bytes:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout()
+        self.sock.settimeout(left)
+        return self.sock.recv(size)
+
+
 def request(transport, request_type: str, args: dict | None = None,
             timeout: float | None = DEFAULT_TIMEOUT) -> dict:
     """Send one request on a new control connection; return the result."""
@@ -42,8 +59,7 @@ def request(transport, request_type: str, args: dict | None = None,
         send_frame(sock, {"role": "control"})
         send_frame(sock, {"id": 1, "type": request_type, "args": args or {}})
         while True:
-            sock.settimeout(max(0.01, deadline - time.monotonic()))
-            message = recv_frame(sock)
+            message = recv_frame(_Deadline(sock, deadline))
             if message.get("id") != 1:
                 raise ProtocolError(f"agent replied to request id {str(message.get('id'))[:32]} that was never sent")
             result = check_reply(message, request_type)

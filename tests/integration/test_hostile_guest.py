@@ -28,6 +28,7 @@ import pytest
 
 from kata_py.errors import AgentError, AgentTimeout, ProtocolError, VMLaunchError
 from kata_py.sandbox import process as process_module
+from kata_py.sandbox import agent_sync
 from kata_py.sandbox import sandbox as sandbox_module
 from kata_py.sandbox.agent_client import AgentClient
 from kata_py.sandbox.process import ProcessSession
@@ -133,6 +134,31 @@ def test_bad_replies_end_in_a_clear_error(hostile, loop_thread, how, error, says
     assert says in str(caught.value), caught.value
     meter.check()
     still_serves(loop_thread, hostile)
+
+
+@pytest.mark.parametrize("how,error,says", [
+    ("oversize", ProtocolError, "limit"),
+    ("deep-json", ProtocolError, "nested too deeply"),
+    ("bad-schema", ProtocolError, "invalid create_process reply"),
+    ("never-reply", AgentTimeout, "did not answer create_process"),
+    ("drip", AgentTimeout, "did not answer create_process"),
+])
+def test_bad_replies_to_the_cli_client(hostile, how, error, says):
+    """The blocking client of the short CLI commands (start, kill, ps, delete...)."""
+    meter = Meter(hostile, f"{how} (sync client)")
+    result: list = []
+
+    def call() -> None:
+        try:
+            agent_sync.request(hostile.transport, "create_process", trigger(how), timeout=REQUEST_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 - handed to the test below
+            result.append(exc)
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    caller.join(REQUEST_TIMEOUT + 30)
+    assert not caller.is_alive(), "the request outlived its timeout by 30 s: a hang"
+    assert len(result) == 1 and isinstance(result[0], error) and says in str(result[0]), result
+    meter.check()
 
 
 def test_garbage_stream_ack(hostile, loop_thread):

@@ -153,3 +153,46 @@ def test_start_on_a_full_disk_releases_nothing(tmp_path, monkeypatch):
         container_module.start(store, "c1")
     assert released == []
     assert store.load("c1").live_status() is Status.CREATED
+
+
+class _PairTransport:
+    """connect_sync hands out one end of a socket pair; the test plays the agent on the other."""
+
+    def __init__(self) -> None:
+        self.ours, self.theirs = socket.socketpair()
+
+    def connect_sync(self, port, timeout):
+        return self.ours
+
+
+def test_sync_client_deadline_holds_against_a_drip():
+    """A reply that arrives a byte at a time, each within the timeout, must not
+    stretch the request past its deadline."""
+    import threading
+
+    from kata_py.errors import AgentTimeout
+    from kata_py.sandbox import agent_sync
+
+    transport = _PairTransport()
+    stop = threading.Event()
+
+    def drip():
+        recv_frame(transport.theirs)      # hello
+        recv_frame(transport.theirs)      # the request
+        transport.theirs.sendall(b"\0\0\0\x64")
+        while not stop.wait(0.1):
+            try:
+                transport.theirs.sendall(b" ")
+            except OSError:
+                return
+    dripper = threading.Thread(target=drip, daemon=True)
+    dripper.start()
+    try:
+        # 100 bytes at 10 a second take 10 s; without the deadline the frame
+        # would complete (as junk: a ProtocolError) instead of timing out.
+        with pytest.raises(AgentTimeout, match="did not answer ping within 1 s"):
+            agent_sync.request(transport, "ping", timeout=1.0)
+    finally:
+        stop.set()
+        transport.theirs.close()
+        dripper.join(5)
