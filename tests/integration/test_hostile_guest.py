@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -27,11 +28,12 @@ from pathlib import Path
 import pytest
 
 from kata_py.errors import AgentError, AgentTimeout, ProtocolError, VMLaunchError
-from kata_py.sandbox import process as process_module
 from kata_py.sandbox import agent_sync
+from kata_py.sandbox import process as process_module
 from kata_py.sandbox import sandbox as sandbox_module
 from kata_py.sandbox.agent_client import AgentClient
 from kata_py.sandbox.process import ProcessSession
+from tests.conftest import KATA
 
 pytestmark = pytest.mark.vm
 
@@ -41,6 +43,7 @@ RSS_BOUND_KIB = 48 * 1024           # growth allowed per misbehaviour: far below
 QUIET_WINDOW = 1.5                  # seconds in which a back end left idle must be (nearly) idle
 QUIET_CPU = 0.5                     # CPU seconds allowed in that window
 REQUEST_TIMEOUT = 4.0
+FLOOD_MIB = 16                      # relayed by the container flood test (~1 MiB/s under TCG on a loaded host)
 FIGURES: list[str] = []
 ids = itertools.count()
 
@@ -283,3 +286,44 @@ def test_mute_agent_at_boot(vms, monkeypatch):
         vms.start(kernel_args=["kata_agent.hostile=mute"])
     # It was listening (not merely slow to boot) and said why it kept quiet.
     assert "hostile mode 'mute'" in caught.value.console_tail and "listening" in caught.value.console_tail
+
+
+def test_container_stdout_flood_through_the_monitor(tmp_path):
+    """A container whose process writes zeros to stdout as fast as it can: the
+    monitor (which relays it) and the back end stay bounded in memory while
+    FLOOD_MIB go through, and kill + delete still work."""
+    from tests.bundles import make_bundle
+    from tests.integration.test_faults import monitor_of, vm_process
+    from tests.leaks import LeakChecker
+    from tests.oci_helpers import cli
+
+    root = tmp_path / "root"
+    bundle = make_bundle(tmp_path / "bundle", ["cat", "/dev/zero"])
+    checker = LeakChecker(roots=[root, bundle], tokens=["flood1"])
+    before = checker.snapshot()
+    running = subprocess.Popen(KATA + ["--root", str(root), "run", "--bundle", str(bundle), "flood1"],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    relayed, samples = 0, []
+    try:
+        while relayed < FLOOD_MIB << 20:
+            data = running.stdout.read1(1 << 20)
+            assert data, running.stderr.read()
+            relayed += len(data)
+            if not samples or relayed >= (len(samples) * FLOOD_MIB // 4) << 20:
+                monitor = monitor_of(root)
+                samples.append((relayed >> 20, rss_kib(monitor), rss_kib(vm_process(monitor, "backend"))))
+        assert cli(root, "kill", "flood1", "KILL").returncode == 0
+        while running.stdout.read1(1 << 20):
+            pass
+        assert running.wait(timeout=60) == 137
+    finally:
+        if running.poll() is None:
+            running.kill()
+            running.wait()
+        cli(root, "delete", "--force", "flood1")
+    FIGURES.append("container stdout flood via the monitor (MiB relayed, monitor RSS KiB, back end RSS KiB): "
+                   + ", ".join(map(str, samples)))
+    print(FIGURES[-1])
+    first, last = samples[1], samples[-1]   # from a quarter on: start-up allocations are done
+    assert last[1] - first[1] < RSS_BOUND_KIB and last[2] - first[2] < RSS_BOUND_KIB, samples
+    checker.assert_clean(before)
