@@ -20,6 +20,7 @@ from ..protocol.messages import SchemaError, check_reply
 from ..timing import REPLY_MILESTONES, mark
 
 DEFAULT_TIMEOUT = 30.0
+CONNECT_TIMEOUT = 10.0
 
 
 def transport_of(vsock: dict, run_dir: str | None):
@@ -53,7 +54,9 @@ def request(transport, request_type: str, args: dict | None = None,
     """Send one request on a new control connection; return the result."""
     limit = DEFAULT_TIMEOUT if timeout is None else timeout
     deadline = time.monotonic() + limit
-    sock = transport.connect_sync(AGENT_PORT, limit)
+    # A live agent accepts at once; a frozen guest is found out in 10 s, not 30
+    # (as with the asyncio path's exec_process.CONNECT_TIMEOUT).
+    sock = transport.connect_sync(AGENT_PORT, min(limit, CONNECT_TIMEOUT))
     try:
         sock.settimeout(max(0.01, deadline - time.monotonic()))
         send_frame(sock, {"role": "control"})
