@@ -7,13 +7,13 @@ this session's run directory or one of the test's roots, or its environment
 carries this session's KATA_PY_RUN_DIR; a mount, socket or file is ours when
 its path is under one of those directories; taps and tc filters are looked
 for in the network namespaces the test made (and kata-py's tap names in the
-host's); cgroups are kata-py's VM cgroups that appeared meanwhile and are
-empty (a QEMU still in one is reported as a process), and kata cgroups that
-name one of `tokens` (the test's container ids); temp entries are those of the temp
+host's); cgroups are kata cgroups that name one of `tokens` (the test's
+container ids and their VMs' run directory names); temp entries are those of the temp
 directory the test gave kata-py (TMPDIR), or, without one, those of the
 system's that carry kata-py's prefixes.
 
-    checker = LeakChecker(roots=[root], netns=[name], tokens=[container_id], temp_dir=private_tmp)
+    checker = LeakChecker(roots=[root], netns=[name], temp_dir=private_tmp,
+                          tokens=[container_id, sandbox_dir_for(root, container_id).name])
     before = checker.snapshot()
     ...                                 # create, kill, delete --force
     checker.assert_clean(before)        # waits a bounded time for exits to finish
@@ -216,11 +216,11 @@ class LeakChecker:
         return found
 
     def cgroups(self) -> set[str]:
-        """kata-py's VM cgroups (<hierarchy>/kata-py/vm-*, kata_py.vmm.host_cgroup)
-        once empty, and any kata cgroup that names one of the tokens. An empty
-        VM cgroup is what a leak looks like; while a QEMU still runs in it, the
-        QEMU is what the process check reports (and other sessions' live VMs
-        are not ours to count)."""
+        """kata cgroups that name one of the tokens: kata-py names a VM's host
+        cgroups after its run directory (<hierarchy>/kata-py/vm-*), and a
+        container's VM's run directory after (root, id), so the test passes
+        that name (kata_py.oci.share.sandbox_dir_for). Other sessions' VMs,
+        and what they leak, are not ours to count."""
         found = set()
         if not CGROUP_ROOT.is_dir():
             return found
@@ -229,12 +229,8 @@ class LeakChecker:
             depth = len(Path(dirpath).parts) - base_depth
             if depth >= CGROUP_DEPTH:
                 dirnames[:] = []
-            path = Path(dirpath)
-            if "kata" not in dirpath.lower() or path == CGROUP_ROOT:
-                continue
-            if any(t in path.name for t in self.tokens):
-                found.add(dirpath)
-            elif path.parent.name == "kata-py" and not _read(f"{dirpath}/cgroup.procs").strip():
+            name = os.path.basename(dirpath)
+            if "kata" in dirpath.lower() and any(t in name for t in self.tokens):
                 found.add(dirpath)
         return found
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pytest
 
+from kata_py.oci.share import sandbox_dir_for
 from tests.bundles import make_bundle
 from tests.conftest import KATA
 from tests.leaks import LeakChecker
@@ -392,8 +393,8 @@ def run_trials(base: Path, plan: list[tuple[str, str]], made_namespaces, use_net
             made_namespaces.veth(None, f"kpf{os.getpid() % 100000}-{number}"[:15], "10.77.0.1/24", netns, "eth0",
                             "10.77.0.2/24")
         trial = Trial(base / f"t{number}", stage, fault, netns, f"kpf{os.getpid()}-{number}", delay)
-        checker = LeakChecker(roots=[trial.root, trial.bundle], netns=[netns] if netns else [], tokens=[trial.id],
-                              temp_dir=trial.tmp)
+        checker = LeakChecker(roots=[trial.root, trial.bundle], netns=[netns] if netns else [], temp_dir=trial.tmp,
+                              tokens=[trial.id, sandbox_dir_for(str(trial.root), trial.id).name])
         before = checker.snapshot()
         what = (f"trial {number}: {stage} x {fault}{' (netns)' if netns else ''}"
                 f"{f' after {delay:.1f} s' if stage == 'booting' else ''}")

@@ -292,6 +292,7 @@ def test_container_stdout_flood_through_the_monitor(tmp_path):
     """A container whose process writes zeros to stdout as fast as it can: the
     monitor (which relays it) and the back end stay bounded in memory while
     FLOOD_MIB go through, and kill + delete still work."""
+    from kata_py.oci.share import sandbox_dir_for
     from tests.bundles import make_bundle
     from tests.integration.test_faults import monitor_of, vm_process
     from tests.leaks import LeakChecker
@@ -299,7 +300,7 @@ def test_container_stdout_flood_through_the_monitor(tmp_path):
 
     root = tmp_path / "root"
     bundle = make_bundle(tmp_path / "bundle", ["cat", "/dev/zero"])
-    checker = LeakChecker(roots=[root, bundle], tokens=["flood1"])
+    checker = LeakChecker(roots=[root, bundle], tokens=["flood1", sandbox_dir_for(str(root), "flood1").name])
     before = checker.snapshot()
     running = subprocess.Popen(KATA + ["--root", str(root), "run", "--bundle", str(bundle), "flood1"],
                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

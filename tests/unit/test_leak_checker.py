@@ -19,7 +19,8 @@ def scope(tmp_path):
     run_dir, root, temp = tmp_path / "run", tmp_path / "root", tmp_path / "tmp"
     for directory in (run_dir, root, temp):
         directory.mkdir()
-    return run_dir, root, temp, LeakChecker(roots=[root], run_dir=run_dir, temp_dir=temp, tokens=["c-test"])
+    return run_dir, root, temp, LeakChecker(roots=[root], run_dir=run_dir, temp_dir=temp,
+                                            tokens=["c-test", f"vm-leak{os.getpid()}"])
 
 
 def test_processes_files_sockets_and_dirs(scope):
@@ -70,9 +71,11 @@ def test_mounts_and_cgroups(scope, tmp_path):
     target = root / "mnt"
     target.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(target)], check=True)
-    # One named after a container, one as kata-py names a VM's (empty: its QEMU is gone).
+    # One named after a container, one as kata-py names a VM's; and another
+    # session's VM cgroup, which is not ours to count.
     cgroups = [f"/sys/fs/cgroup/pids/kata-py-c-test-{os.getpid()}",
-               f"/sys/fs/cgroup/pids/kata-py/vm-leak{os.getpid()}"]
+               f"/sys/fs/cgroup/pids/kata-py/vm-leak{os.getpid()}",
+               f"/sys/fs/cgroup/pids/kata-py/vm-other{os.getpid()}"]
     made = []
     for cgroup in cgroups:
         try:
@@ -83,7 +86,7 @@ def test_mounts_and_cgroups(scope, tmp_path):
     try:
         found = checker.leaks(before)
         assert [entry.split(" ")[0] for entry in found["mounts"]] == [str(target)]
-        assert found.get("cgroups", []) == sorted(made)
+        assert found.get("cgroups", []) == sorted(c for c in made if "other" not in c)
     finally:
         subprocess.run(["umount", str(target)], check=True)
         for cgroup in made:
