@@ -9,6 +9,15 @@ import time
 from .syscalls import MS_BIND, MS_MOVE, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RELATIME, RB_AUTOBOOT, Syscalls
 
 MODULE_LIST = "/etc/kata-agent/modules"
+# Free page reporting (virtio_balloon) hands back only free blocks of at least
+# 2^order pages, and only while a zone has 32 of them free above its low
+# watermark: at the default order (9: 2 MiB blocks) that is 64 MiB, more than a
+# 128 MiB guest ever has free, so nothing would be reported. Order 5 (128 KiB
+# blocks) needs 4 MiB. Linux 6.1's driver sets the order when it registers, so
+# it is lowered once the module has loaded. (Measured on an idle 128 MiB guest:
+# 111 -> 89 MiB of its RAM touched on the host.)
+REPORTING_ORDER = "/sys/module/page_reporting/parameters/page_reporting_order"
+REPORTING_ORDER_VALUE = "5"
 ROOT_BIND = "/.root"
 
 # (source, target, fstype, flags, data)
@@ -72,6 +81,23 @@ class Pid1:
                 self.sys.load_module(path)
             except OSError as exc:
                 log(f"{exc}")
+            if path.endswith("/virtio_balloon.ko"):
+                self.lower_reporting_order()
+
+    def lower_reporting_order(self, param: str = REPORTING_ORDER) -> None:
+        try:
+            with open(param, "w") as f:
+                f.write(REPORTING_ORDER_VALUE)
+        except OSError as exc:
+            log(f"page reporting order: {exc}")
+            return
+        # The driver's first pass ran at the old order and found nothing; a
+        # new one starts when a block of the new order is freed. Touching and
+        # freeing a few MiB frees such blocks now (the boot already freed the
+        # initramfs image and init memory, which would otherwise stay put).
+        scratch = bytearray(2 << 20)
+        scratch[::4096] = b"\1" * (len(scratch) // 4096)
+        del scratch
 
     def loopback_up(self) -> None:
         """`ip link set lo up`: the kernel then gives it 127.0.0.1 and ::1."""

@@ -33,6 +33,11 @@ class VMConfig:
     extra_args: list[str] = field(default_factory=list)   # devices from other layers (vsock, net, fs)
     pass_fds: list[int] = field(default_factory=list)     # fds QEMU inherits, named in extra_args (taps)
     name: str = "kata-py"
+    # virtio-balloon with free page reporting: the guest hands back the memory
+    # it frees (the initramfs image, init memory), so an idle VM shrinks on the
+    # host. Measured, idle 128 MiB sandbox: guest RAM touched 111 -> 103 MiB,
+    # PSS 227 -> 220 MiB. (The agent lowers the reporting order; see pid1.py.)
+    free_page_reporting: bool = True
 
     @property
     def bus(self) -> str:
@@ -96,4 +101,7 @@ def build_argv(config: VMConfig, qmp_fd: int | None) -> list[str]:
         # Modern virtio-mmio (virtio 1.x): the guest driver negotiates VERSION_1,
         # which the vhost-user backend requires.
         argv += ["-global", "virtio-mmio.force-legacy=false"]
+    if config.free_page_reporting:
+        device = "virtio-balloon-device" if config.bus == "mmio" else "virtio-balloon-pci"
+        argv += ["-device", f"{device},free-page-reporting=on"]
     return argv + list(config.extra_args)
