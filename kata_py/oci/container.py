@@ -181,7 +181,10 @@ async def _start(state: ContainerState) -> None:
         hooks = state.config_hooks.get("startContainer", [])
         if hooks:
             try:
-                await run_guest_hooks(handle, state.id, "startContainer", hooks, state.oci_state())
+                # The state as the hook must see it: still created (the record
+                # already says running, written ahead of the release).
+                await run_guest_hooks(handle, state.id, "startContainer", hooks,
+                                      dict(state.oci_state(), status=Status.CREATED.value))
             except KataError:
                 # The spec: a failing startContainer hook stops the container.
                 await handle.agent.request("signal_process", {"process_id": state.init_process, "signal": 9})
