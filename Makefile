@@ -24,6 +24,4 @@ check: image
 	$(KATA) check
 
 bench: image
-	$(VENV)/bin/python bench/boot.py
-	$(VENV)/bin/python bench/stdio.py
-	$(VENV)/bin/python bench/engines.py
+	@bash bench/run.sh

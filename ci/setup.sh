@@ -14,7 +14,7 @@ PACKAGES=(
   podman conmon containerd                # the engines the end-to-end tests drive kata-py with
   containernetworking-plugins             # podman's network backend (bridge, host-local, portmap)
   iptables                                # the NAT rules of podman's bridge network and -p
-  runc crun                               # peers for side-by-side benchmarks
+  runc crun runsc                         # peers for side-by-side benchmarks (runsc: gVisor)
   ca-certificates
 )
 

@@ -1,0 +1,209 @@
+"""What the benchmark sections share: statistics, timed runs, bundles, peers.
+
+Every figure is the median of several runs with their min and max
+(`summary`); peers are measured in the same invocation, interleaved, so a
+slow spell of the host (other work on a 2-core machine) hits them alike.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+KATA = REPO / ".venv" / "bin" / "kata-py"
+BUSYBOX = shutil.which("busybox") or "/bin/busybox"
+RUNTIMES = ("kata-py", "runc", "crun", "runsc")
+# runsc on this host: ptrace is the platform that works without KVM, and its
+# netstack needs CAP_NET_ADMIN setups we do not want: no network.
+RUNSC_FLAGS = ["--network=none", "--platform=ptrace"]
+
+
+def summary(samples: list[float], digits: int = 4) -> dict:
+    if not samples:
+        return {"runs": 0}
+    return {"median": round(statistics.median(samples), digits), "min": round(min(samples), digits),
+            "max": round(max(samples), digits), "runs": len(samples)}
+
+
+@dataclass
+class Timed:
+    wall: float      # seconds from spawn to exit
+    cpu: float       # user+system seconds of the process and every child it waited for
+    returncode: int
+    stdout: bytes = b""
+    stderr: bytes = b""
+
+
+def run_timed(argv: list, preexec_fn=None, env: dict | None = None, timeout: float = 300,
+              stdin=subprocess.DEVNULL, capture: bool = True) -> Timed:
+    """Run argv, timing it with wait4: wall time and the CPU time of its whole
+    tree (children that were waited for add theirs to it). Output goes to
+    temporary files, not pipes, so that nothing but wait4 reaps the process."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        sink_out, sink_err = (out, err) if capture else (subprocess.DEVNULL, subprocess.DEVNULL)
+        started = time.monotonic()
+        proc = subprocess.Popen([str(a) for a in argv], stdin=stdin, stdout=sink_out, stderr=sink_err,
+                                preexec_fn=preexec_fn, env=env)
+        killer = threading.Timer(timeout, proc.kill)
+        killer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            killer.cancel()
+        wall = time.monotonic() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if wall >= timeout:
+            raise subprocess.TimeoutExpired(argv, timeout)
+        out.seek(0)
+        err.seek(0)
+        return Timed(wall, usage.ru_utime + usage.ru_stime, proc.returncode, out.read(), err.read())
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise SystemExit(f"bench: {message}")
+
+
+# ------------------------------------------------------------------ bundles
+
+def make_rootfs(rootfs: Path) -> Path:
+    """A busybox rootfs (Debian's busybox-static; no registry here)."""
+    (rootfs / "bin").mkdir(parents=True, exist_ok=True)
+    shutil.copy(BUSYBOX, rootfs / "bin" / "busybox")
+    applets = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True, check=True).stdout.split()
+    for applet in applets:
+        if applet != "busybox" and not (rootfs / "bin" / applet).exists():
+            (rootfs / "bin" / applet).symlink_to("busybox")
+    for name in ("proc", "sys", "dev", "tmp", "etc", "root"):
+        (rootfs / name).mkdir(exist_ok=True)
+    (rootfs / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (rootfs / "etc" / "group").write_text("root:x:0:\n")
+    return rootfs
+
+
+def make_bundle(directory: Path, args: list[str], rootfs: Path) -> Path:
+    """A bundle as `runc spec` would write it (minus the terminal), sharing one rootfs."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {
+        "ociVersion": "1.0.2",
+        "process": {"terminal": False, "user": {"uid": 0, "gid": 0}, "args": args,
+                    "env": ["PATH=/bin", "TERM=xterm"], "cwd": "/"},
+        "root": {"path": str(rootfs), "readonly": True},
+        "hostname": "bench",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+        ],
+        "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}, {"type": "uts"},
+                                 {"type": "network"}]},
+    }
+    (directory / "config.json").write_text(json.dumps(config, indent=1))
+    return directory
+
+
+# -------------------------------------------------------------------- peers
+
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNS = 0x00020000
+MS_REC, MS_PRIVATE, MNT_DETACH = 0x4000, 1 << 18, 2
+
+
+def _crun_mount_namespace() -> None:
+    """In crun's child before exec: crun 1.8 refuses this host's hybrid cgroups
+    unless /sys/fs/cgroup/unified is gone, so unmount it in a private mount
+    namespace of its own (a few syscalls; the host keeps its mounts)."""
+    if _libc.unshare(CLONE_NEWNS) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
+    _libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None)
+    _libc.umount2(b"/sys/fs/cgroup/unified", MNT_DETACH)
+
+
+class Peers:
+    """The runtimes side by side: argv for run/exec/delete and their state roots."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.roots = {name: work / f"root-{name}" for name in RUNTIMES}
+        self.log = work / "kata-py.log"
+        self.available: dict[str, str] = {}   # name -> "" when usable, else why not
+
+    def binary(self, name: str) -> list[str]:
+        if name == "kata-py":
+            return [str(KATA), "--root", str(self.roots[name]), "--log", str(self.log)]
+        base = [shutil.which(name) or name, "--root", str(self.roots[name])]
+        return base[:1] + RUNSC_FLAGS + base[1:] if name == "runsc" else base
+
+    def preexec(self, name: str):
+        return _crun_mount_namespace if name == "crun" else None
+
+    def run(self, name: str, bundle: Path, container_id: str, **kwargs) -> Timed:
+        return run_timed(self.binary(name) + ["run", "--bundle", bundle, container_id],
+                         preexec_fn=self.preexec(name), **kwargs)
+
+    def start_detached(self, name: str, bundle: Path, container_id: str) -> None:
+        result = run_timed(self.binary(name) + ["run", "--detach", "--bundle", bundle, container_id],
+                           preexec_fn=self.preexec(name), capture=False, timeout=180)
+        if result.returncode != 0:
+            raise RuntimeError(f"{name} run --detach {container_id} failed ({result.returncode})")
+
+    def exec_argv(self, name: str, container_id: str, args: list[str]) -> list[str]:
+        return self.binary(name) + ["exec", container_id] + args
+
+    def delete(self, name: str, container_id: str) -> None:
+        subprocess.run(self.binary(name) + ["delete", "--force", container_id], preexec_fn=self.preexec(name),
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+
+    def probe(self, bundle: Path) -> None:
+        """Which peers run a container here; an unusable one is reported with
+        its error, never given a number."""
+        for name in RUNTIMES:
+            if name == "kata-py":
+                # Not probed: a run costs a whole cold start here, and the
+                # sections measure it anyway (a failure shows there).
+                self.available[name] = "" if KATA.exists() else f"{KATA} is missing (make setup)"
+                continue
+            binary = shutil.which(name)
+            if binary is None or not os.path.exists(binary):
+                self.available[name] = f"{name} is not installed"
+                continue
+            try:
+                result = self.run(name, bundle, f"probe-{name}-{os.getpid()}", timeout=180)
+            except subprocess.TimeoutExpired:
+                self.available[name] = f"{name} run did not finish within 180 s"
+                continue
+            if result.returncode == 0:
+                self.available[name] = ""
+            else:
+                err = (result.stderr or result.stdout).decode(errors="replace").strip().splitlines()
+                self.available[name] = f"{name} run exited {result.returncode}: {err[-1][:300] if err else ''}"
+            self.delete(name, f"probe-{name}-{os.getpid()}")
+
+    def usable(self) -> list[str]:
+        return [name for name in RUNTIMES if self.available.get(name) == ""]
+
+
+def host_facts() -> dict:
+    from kata_py.vmm.host import qemu_version
+
+    load = os.getloadavg()
+    versions = {}
+    for name in ("runc", "crun", "runsc"):
+        path = shutil.which(name)
+        if path:
+            out = subprocess.run([path, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
+            versions[name] = out[0] if out else "?"
+    return {"cpus": os.cpu_count(), "mem_gib": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1),
+            "kernel": os.uname().release, "qemu": qemu_version(), "loadavg_at_start": [round(x, 2) for x in load],
+            "versions": versions}

@@ -1,0 +1,84 @@
+"""Start from the VM pool (`kata-py factory`), next to runsc, interleaved.
+
+Skipped with a note when this kata-py has no `factory` command. The factory
+runs under a run directory of the bench's own (KATA_PY_RUN_DIR), so it never
+touches a factory someone else runs on the host. Before each timed run the
+pool is refilled (untimed): what is measured is a start that finds a VM
+waiting, which is what the pool is for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from .coldstart import phases_of, read_timing
+from .common import KATA, Peers, summary
+
+POOLED_MARK = "using pooled VM"
+REFILL_TIMEOUT = 300.0
+
+
+def _factory(env: dict, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    return subprocess.run([str(KATA), "factory", *args], env=env, capture_output=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def _wait_full(env: dict) -> dict:
+    deadline = time.monotonic() + REFILL_TIMEOUT
+    while True:
+        status = _factory(env, "status")
+        state = json.loads(status.stdout or b"{}") if status.returncode == 0 else {}
+        if state.get("ready", 0) >= state.get("size", 1) or time.monotonic() > deadline:
+            return state
+        time.sleep(0.5)
+
+
+def measure(peers: Peers, bundle: Path, runs: int, size: int, memory_mib: int = 128) -> dict:
+    env = dict(os.environ, KATA_PY_RUN_DIR=str(peers.work / "run-pool"))
+    probe = _factory(env, "status")
+    if probe.returncode != 0:
+        return {"available": False,
+                "note": "this kata-py has no working `factory` command: "
+                        + probe.stderr.decode(errors="replace").strip().splitlines()[-1][:200]}
+    started = _factory(env, "start", "--size", str(size), "--memory", str(memory_mib), "--wait", "300")
+    if started.returncode != 0:
+        return {"available": False,
+                "note": "kata-py factory start failed: " + started.stderr.decode(errors="replace").strip()[-300:]}
+    names = ["kata-py (pool)"] + (["runsc"] if "runsc" in peers.usable() else [])
+    wall = {name: [] for name in names}
+    pooled = 0
+    breakdown = []
+    offset = peers.log.stat().st_size if peers.log.exists() else 0
+    try:
+        for round_no in range(runs):
+            order = names[round_no % len(names):] + names[:round_no % len(names)]
+            for name in order:
+                container_id = f"pool-{name.split()[0]}-{os.getpid()}-{round_no}"
+                if name == "runsc":
+                    result = peers.run("runsc", bundle, container_id)
+                else:
+                    _wait_full(env)
+                    offset = peers.log.stat().st_size if peers.log.exists() else 0
+                    spawn = time.time()
+                    result = peers.run("kata-py", bundle, container_id, env=env)
+                    end = time.time()
+                    text = peers.log.read_bytes()[offset:].decode(errors="replace")
+                    pooled += POOLED_MARK in text
+                    records, offset = read_timing(peers.log, offset)
+                    phases = phases_of(records, spawn, end)
+                    if phases is not None:
+                        breakdown.append(phases)
+                if result.returncode != 0:
+                    raise RuntimeError(f"{name} run failed: {result.stderr.decode(errors='replace')[-300:]}")
+                wall[name].append(result.wall)
+    finally:
+        _factory(env, "stop")
+    out = {"available": True, "pool_size": size, "memory_mib": memory_mib, "runs": runs,
+           "runs_that_used_a_pooled_vm": pooled, "wall_s": {n: summary(v) for n, v in wall.items()}}
+    if "runsc" in wall and wall["runsc"]:
+        out["pool_over_runsc"] = round(out["wall_s"]["kata-py (pool)"]["median"] / out["wall_s"]["runsc"]["median"], 3)
+    return out

@@ -1,0 +1,125 @@
+"""The results as Markdown tables, and the issue's targets checked against them."""
+
+from __future__ import annotations
+
+
+def _cell(s: dict | None, unit: str = "", digits: int = 3) -> str:
+    if not s or not s.get("runs"):
+        return "—"
+    fmt = f"{{:.{digits}f}}"
+    return f"{fmt.format(s['median'])}{unit} ({fmt.format(s['min'])}–{fmt.format(s['max'])})"
+
+
+def targets(results: dict) -> list[dict]:
+    """The issue's acceptance targets, as measured in this run."""
+    out = []
+    cold = results.get("coldstart") or {}
+    if "kata_py_over_floor" in cold:
+        out.append({"target": "cold start <= 1.25x the floor", "measured": f"{cold['kata_py_over_floor']}x",
+                    "met": cold["kata_py_over_floor"] <= 1.25})
+    pool = results.get("pool") or {}
+    if "pool_over_runsc" in pool:
+        out.append({"target": "start from the pool <= runsc's", "measured": f"{pool['pool_over_runsc']}x runsc",
+                    "met": pool["pool_over_runsc"] <= 1.0})
+    memory = (results.get("memory") or {}).get("memory", {})
+    if "10" in memory:
+        pss = memory["10"]["pss_mib"]["total"]["median"]
+        out.append({"target": "idle sandbox <= 60 MiB PSS at 10 sandboxes (128 MiB guest)",
+                    "measured": f"{pss:.1f} MiB", "met": pss <= 60})
+    execio = results.get("execio") or {}
+    exec_s = (execio.get("exec_true_s") or {}).get("kata-py")
+    if exec_s and exec_s.get("runs"):
+        out.append({"target": "exec <= 100 ms", "measured": f"{exec_s['median'] * 1000:.0f} ms",
+                    "met": exec_s["median"] <= 0.1})
+    for direction in ("stdout", "stdin"):
+        rate = (execio.get(f"{direction}_MBps") or {}).get("kata-py")
+        if rate and rate.get("runs"):
+            out.append({"target": f"stdio ({direction}) >= 200 MB/s", "measured": f"{rate['median']:.0f} MB/s",
+                        "met": rate["median"] >= 200})
+    return out
+
+
+def markdown(results: dict) -> str:
+    lines = [f"# kata-py benchmarks ({results.get('finished_at', '')})", ""]
+    host = results.get("host", {})
+    lines += [f"Host: {host.get('cpus')} CPUs, {host.get('mem_gib')} GiB, kernel {host.get('kernel')}, "
+              f"{host.get('qemu')}; accel {results.get('accel')}; load average at start "
+              f"{host.get('loadavg_at_start')}. Suite took {results.get('seconds')} s. Figures: median (min–max).", ""]
+    peers = results.get("peers", {})
+    cold = results.get("coldstart")
+    if cold:
+        lines += ["## Cold start: `run` of /bin/true", "",
+                  f"{cold['runs']} runs each, interleaved (order rotated each round).", "",
+                  "| runtime | wall s | CPU s (whole process tree) |", "|---|---|---|"]
+        for name in ["floor", "kata-py", "runc", "crun", "runsc"]:
+            if name in cold["wall_s"]:
+                lines.append(f"| {name} | {_cell(cold['wall_s'][name])} | {_cell(cold['cpu_s'][name])} |")
+            elif peers.get(name):
+                lines.append(f"| {name} | unavailable: {peers[name]} | |")
+        if "kata_py_over_floor" in cold:
+            lines += ["", f"kata-py / floor: **{cold['kata_py_over_floor']}×** wall, "
+                          f"{cold['kata_py_over_floor_cpu']}× CPU."]
+        if "kata_py_phases_s" in cold:
+            lines += ["", "kata-py `run` by phase (s; guest times placed on the host clock by the agent's "
+                          "uptime in its ping reply):", "", "| phase | s |", "|---|---|"]
+            lines += [f"| {name} | {_cell(s)} |" for name, s in cold["kata_py_phases_s"].items()]
+        lines.append("")
+    execio = results.get("execio")
+    if execio:
+        lines += ["## exec and stdio (one running idle container per runtime)", "",
+                  f"stdio: a {execio['stdio_bytes'] >> 20} MiB stream per run, measured over at most its first "
+                  f"{execio.get('stdio_window_s')} s of streaming; MiB moved per run and direction: "
+                  + ", ".join(f"{n} {s.get('median')}" for n, s in (execio.get('stdio_mib_moved_per_run') or {}).items())
+                  + ".", "",
+                  "| runtime | exec /bin/true s | stdout MB/s | stdin MB/s |", "|---|---|---|---|"]
+        for name, s in execio["exec_true_s"].items():
+            lines.append(f"| {name} | {_cell(s)} | {_cell(execio['stdout_MBps'].get(name), '', 1)} | "
+                         f"{_cell(execio['stdin_MBps'].get(name), '', 1)} |")
+        lines.append("")
+    mem = results.get("memory")
+    if mem:
+        memory = mem.get("memory", {})
+        if memory:
+            lines += ["## Memory per idle sandbox (PSS, MiB)", "",
+                      "| sandboxes | total | QEMU | QEMU anon | QEMU guest RAM (shmem) | QEMU files | monitor | "
+                      "vsock backend | MemAvailable drop / sandbox |", "|---|---|---|---|---|---|---|---|---|"]
+            for count, m in memory.items():
+                p = m["pss_mib"]
+                lines.append(f"| {count} | {_cell(p.get('total'), '', 1)} | {_cell(p.get('qemu'), '', 1)} | "
+                             f"{_cell(p.get('qemu_anon'), '', 1)} | {_cell(p.get('qemu_shmem'), '', 1)} | "
+                             f"{_cell(p.get('qemu_file'), '', 1)} | {_cell(p.get('monitor'), '', 1)} | "
+                             f"{_cell(p.get('vsock_backend'), '', 1)} | {m.get('mem_available_drop_per_sandbox_mib')} |")
+            lines.append("")
+        peer_mem = mem.get("peer_memory_at_1") or {}
+        if peer_mem:
+            lines += ["Peers, one idle container: " + ", ".join(
+                f"{n} {v['pss_mib']} MiB ({v['processes']} processes)" if "pss_mib" in v else f"{n}: {v.get('error')}"
+                for n, v in peer_mem.items()), ""]
+        d = mem.get("density") or {}
+        if d:
+            lines += ["## Density", "",
+                      f"Idle sandboxes started before a start took twice the baseline ({d.get('baseline_start_s')} s): "
+                      f"**{d.get('density')}** (cap {d.get('cap')}; ended by {d.get('stopped_by')}; "
+                      f"{d.get('seconds')} s).", "",
+                      "| sandboxes running | start s |", "|---|---|"]
+            lines += [f"| {p['sandboxes']} | {p['start_s']}{' (confirming)' if p.get('confirming') else ''} |"
+                      for p in d.get("probes", [])]
+            lines.append("")
+    pool = results.get("pool")
+    if pool is not None:
+        lines += ["## Start from the VM pool (`kata-py factory`)", ""]
+        if not pool.get("available"):
+            lines += [f"Skipped: {pool.get('note')}", ""]
+        else:
+            lines += [f"Pool of {pool['pool_size']} × {pool['memory_mib']} MiB; {pool['runs_that_used_a_pooled_vm']} of "
+                      f"{pool['runs']} runs used a pooled VM.", "", "| runtime | `run` /bin/true wall s |", "|---|---|"]
+            lines += [f"| {n} | {_cell(s)} |" for n, s in pool["wall_s"].items()]
+            lines.append("")
+    for section, error in (results.get("errors") or {}).items():
+        lines += [f"**{section} failed:** {error}", ""]
+    checked = targets(results)
+    if checked:
+        lines += ["## Targets (issue 8)", "", "| target | measured | met |", "|---|---|---|"]
+        lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |" for t in checked]
+        lines.append("")
+    return "\n".join(lines)
