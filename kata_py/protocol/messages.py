@@ -59,6 +59,34 @@ RESOURCES = {"type": "object", "properties": {
                                                              "maximum": 1000}}},
 }}
 
+# The container's own view, built by the agent (OCI mounts, devices, ...).
+MAX_MOUNTS = 1024
+MAX_DEVICES = 1024
+GUEST_NAMESPACES = ("pid", "mount", "ipc", "uts", "cgroup", "user")
+SYSCTL_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\Z"
+_guest_path = {"type": "string", "minLength": 1, "maxLength": 4096, "pattern": "^/"}
+_share_entry = {"type": "string", "minLength": 1, "maxLength": 255, "pattern": r"^[A-Za-z0-9_.-]+\Z"}
+_id_mappings = {"type": "array", "maxItems": 340, "items": _obj(
+    {"container_id": _uint32, "host_id": _uint32, "size": {"type": "integer", "minimum": 1, "maximum": 2**32 - 1}},
+    required=["container_id", "host_id", "size"])}
+MOUNT = _obj({
+    "destination": _guest_path,
+    "type": {"type": "string", "maxLength": 64},
+    # from "share": source names an entry of the container's share (a host bind
+    # source); "guest": a guest device path; absent: the filesystem's source.
+    "from": {"enum": ["share", "guest"]},
+    "source": {"type": "string", "maxLength": 4096},
+    "options": {"type": "array", "maxItems": 64, "items": {"type": "string", "maxLength": 4096}},
+}, required=["destination"])
+DEVICE = _obj({
+    "path": _guest_path,
+    "type": {"enum": ["c", "b", "u", "p"]},
+    "major": {"type": "integer", "minimum": 0, "maximum": 2**32 - 1},
+    "minor": {"type": "integer", "minimum": 0, "maximum": 2**32 - 1},
+    "file_mode": {"type": "integer", "minimum": 0, "maximum": 0o7777},
+    "uid": _uint32, "gid": _uint32,
+}, required=["path", "type"])
+
 # configure_network: the guest NICs (matched by MAC), their addresses and
 # routes, and the files the container gets as /etc/hosts, /etc/resolv.conf
 # and /etc/hostname.
@@ -159,9 +187,25 @@ REQUESTS: dict[str, tuple[dict, dict]] = {
         "container_id": _process_id,
         "resources": RESOURCES,
         "mount_tag": {"type": "string", "minLength": 1, "maxLength": 31, "pattern": "^[A-Za-z0-9_.-]+$"},
+        # Where the rootfs is inside the share (the rest holds bind sources).
+        "rootfs_path": _share_entry,
         "readonly": {"type": "boolean"},
         "hostname": {"type": "string", "maxLength": 64},
         "seccomp": SECCOMP,
+        "domainname": {"type": "string", "maxLength": 64},
+        "namespaces": {"type": "array", "maxItems": 8, "items": {"enum": list(GUEST_NAMESPACES)}},
+        "uid_mappings": _id_mappings,
+        "gid_mappings": _id_mappings,
+        "mounts": {"type": "array", "maxItems": MAX_MOUNTS, "items": MOUNT},
+        "devices": {"type": "array", "maxItems": MAX_DEVICES, "items": DEVICE},
+        "masked_paths": {"type": "array", "maxItems": MAX_MOUNTS, "items": _guest_path},
+        "readonly_paths": {"type": "array", "maxItems": MAX_MOUNTS, "items": _guest_path},
+        "rootfs_propagation": {"enum": ["private", "rprivate", "slave", "rslave", "shared", "rshared",
+                                        "unbindable", "runbindable"]},
+        "sysctl": {"type": "array", "maxItems": 256, "items": _obj({
+            "key": {"type": "string", "minLength": 1, "maxLength": 256, "pattern": SYSCTL_PATTERN},
+            "value": {"type": "string", "maxLength": 4096}}, required=["key", "value"])},
+        "no_pivot": {"type": "boolean"},
     }, required=["container_id", "mount_tag"]), _empty),
     # Fork the process and set it up, but hold it before exec until start_process.
     "prepare_process": (_obj({"process_id": _process_id}, required=["process_id"]),
