@@ -42,11 +42,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="seconds of streaming measured per stdio run, at most (default 5)")
     parser.add_argument("--memory-at", default="1,10,30", help="sandbox counts to sample memory at")
     parser.add_argument("--density-cap", type=int, default=40)
-    parser.add_argument("--density-step", type=int, default=5)
+    parser.add_argument("--density-step", type=int, default=10)
     parser.add_argument("--parallel", type=int, default=4, help="sandboxes started at once in the ramp")
     parser.add_argument("--pool-size", type=int, default=2)
-    parser.add_argument("--budget", type=float, default=840.0,
-                        help="seconds for the whole suite; the density ramp stops when it is spent (default 840)")
+    parser.add_argument("--budget", type=float, default=780.0,
+                        help="seconds for the whole suite; the density ramp beyond the memory counts stops "
+                             "when it is spent (default 780)")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     return parser.parse_args(argv)

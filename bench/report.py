@@ -89,7 +89,9 @@ def markdown(results: dict) -> str:
                              f"{_cell(p.get('qemu_anon'), '', 1)} | {_cell(p.get('qemu_shmem'), '', 1)} | "
                              f"{_cell(p.get('qemu_file'), '', 1)} | {_cell(p.get('monitor'), '', 1)} | "
                              f"{_cell(p.get('vsock_backend'), '', 1)} | {m.get('mem_available_drop_per_sandbox_mib')} |")
-            lines.append("")
+            lines += ["", "MemAvailable drop / sandbox: the host's MemAvailable before the ramp minus now, over the "
+                          "count; it includes the guests' kernel-side costs but also whatever else the host did "
+                          "meanwhile, so it is only indicative at small counts.", ""]
         peer_mem = mem.get("peer_memory_at_1") or {}
         if peer_mem:
             lines += ["Peers, one idle container: " + ", ".join(
