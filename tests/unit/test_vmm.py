@@ -27,12 +27,15 @@ def test_microvm_command_line(tmp_path):
     assert "socket,id=qmp,fd=7" in argv
     assert argv[argv.index("-smp") + 1] == "2"
     assert argv[argv.index("-cpu") + 1] == "max"
+    # TCG with a bounded translation cache, not QEMU's 1 GiB default.
+    assert argv[argv.index("-accel") + 1] == "tcg,tb-size=32"
     assert "socket,id=qmp" not in " ".join(build_argv(config(tmp_path), qmp_fd=None))
 
 
 def test_kvm_uses_host_cpu_and_q35_has_no_mmio_global(tmp_path):
     argv = build_argv(config(tmp_path, accel="kvm", machine="q35"), qmp_fd=3)
     assert argv[argv.index("-cpu") + 1] == "host"
+    assert argv[argv.index("-accel") + 1] == "kvm"
     assert "virtio-mmio.force-legacy=false" not in argv
     with pytest.raises(ValueError):
         build_argv(config(tmp_path, machine="isapc"), qmp_fd=3)
