@@ -17,8 +17,9 @@ log = logging.getLogger("kata_py.timing")
 
 # Agent replies that mark a milestone, by request type. (A ping's reply also
 # carries the guest's uptime, which places the guest's console times.)
-REPLY_MILESTONES = {"ping": "agent_ready", "prepare_process": "process_prepared", "start_process": "process_started",
-                    "wait_process": "process_exited"}
+REPLY_MILESTONES = {"ping": "agent_ready", "create_container": "container_created",
+                    "create_process": "process_created", "prepare_process": "process_prepared",
+                    "start_process": "process_started", "wait_process": "process_exited"}
 
 
 def mark(event: str, **fields) -> None:

@@ -8,6 +8,7 @@ follow runc's for cgroup v2 (shares -> weight, swap as memory+swap total).
 from __future__ import annotations
 
 import os
+import time
 
 ROOT = "/sys/fs/cgroup"
 CONTROLLERS = ("cpuset", "cpu", "io", "memory", "pids")
@@ -128,3 +129,23 @@ class Cgroup:
             os.rmdir(self.path)
         except OSError:
             pass
+
+    def kill_and_remove(self, timeout: float) -> bool:
+        """SIGKILL everything in the cgroup (cgroup.kill), then remove it once
+        the kernel has it empty; False if it is still there after `timeout`."""
+        try:
+            with open(f"{self.path}/cgroup.kill", "w") as f:
+                f.write("1")
+        except FileNotFoundError:
+            return True
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                os.rmdir(self.path)
+                return True
+            except FileNotFoundError:
+                return True
+            except OSError:
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.01)  # dying processes leave the cgroup as they are reaped

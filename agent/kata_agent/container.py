@@ -158,6 +158,27 @@ class Containers:
             self.by_id[container_id] = container
         return container
 
+    DELETE_TIMEOUT = 5.0
+
+    def delete(self, container_id: str) -> None:
+        """Undo create: kill what still runs in the container, remove its cgroup,
+        unmount its share. Afterwards the VM holds nothing of it (a pooled VM is
+        warmed up with a container it then deletes)."""
+        container = self.get(container_id)
+        if not container.cgroup.kill_and_remove(self.DELETE_TIMEOUT):
+            raise ProcessError("failed", f"container {container_id!r}: its processes did not die")
+        with self.lock:
+            self.by_id.pop(container_id, None)
+        try:
+            self.sys.umount(container.share, MNT_DETACH)
+        except OSError:
+            pass
+        for directory in (container.share, os.path.dirname(container.share)):
+            try:
+                os.rmdir(directory)
+            except OSError:
+                pass
+
     def _undo(self, container: Container) -> None:
         try:
             self.sys.umount(container.share)

@@ -87,6 +87,10 @@ class Handlers:
         container.seccomp = seccomp_filter
         return {}
 
+    def rpc_delete_container(self, args: dict) -> dict:
+        self._containers().delete(args["container_id"])
+        return {}
+
     def rpc_configure_network(self, args: dict) -> dict:
         interfaces = args["interfaces"]
         for field in ("mac", "name"):

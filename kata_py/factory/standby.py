@@ -38,6 +38,7 @@ async def serve(directory: Path, memory: int, cpus: int) -> int:
     from ..image import ensure_image
     from ..oci.share import ROOTFS_ENTRY, ContainerShare, remove_share_dir
     from ..sandbox.sandbox import Sandbox, Share
+    from .warmup import warm_up
 
     share = ContainerShare(directory / "share")
     (share.path / ROOTFS_ENTRY).mkdir(mode=0o755)
@@ -70,6 +71,7 @@ async def serve(directory: Path, memory: int, cpus: int) -> int:
 
     try:
         await sandbox.start()
+        await warm_up(sandbox, share.path)
         server = await asyncio.start_unix_server(on_connect, path=str(socket_path))
         os.chmod(socket_path, 0o600)
         sys.stdout.write("ready " + json.dumps({"pid": os.getpid(), "socket": str(socket_path)}) + "\n")

@@ -207,6 +207,8 @@ REQUESTS: dict[str, tuple[dict, dict]] = {
             "value": {"type": "string", "maxLength": 4096}}, required=["key", "value"])},
         "no_pivot": {"type": "boolean"},
     }, required=["container_id", "mount_tag"]), _empty),
+    # Kill what runs in the container, remove its cgroup, unmount its share.
+    "delete_container": (_obj({"container_id": _process_id}, required=["container_id"]), _empty),
     # Fork the process and set it up, but hold it before exec until start_process.
     "prepare_process": (_obj({"process_id": _process_id}, required=["process_id"]),
                         _obj({"pid": {"type": "integer", "minimum": 1, "maximum": 2**22}}, required=["pid"])),

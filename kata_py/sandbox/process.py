@@ -19,6 +19,7 @@ import threading
 import time
 
 from ..errors import KataError
+from ..timing import mark
 from .agent_client import open_stream
 
 RELAY_CHUNK = 256 * 1024
@@ -154,6 +155,7 @@ class ProcessSession:
         if failed is not None:
             self.close()
             raise failed
+        mark("streams_connected")
 
     async def prepare(self) -> int:
         self.pid = (await self.agent.request("prepare_process", {"process_id": self.process_id}))["pid"]
