@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -68,6 +69,20 @@ class Marker:
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)
         self.pid = self.proc.pid
+        self._wait_visible()
+
+    def _wait_visible(self, timeout: float = 5.0) -> None:
+        """Until its argv shows in /proc: right after exec the kernel may still
+        report an empty cmdline, and a probe that looked then would find no
+        marker and call a leak held."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                if self.word.encode() in Path(f"/proc/{self.pid}/cmdline").read_bytes():
+                    return
+            except OSError:
+                pass
+            time.sleep(0.01)
 
     def state(self) -> str:
         """Its scheduler state letter (T: stopped by a signal, t: by a tracer)."""
