@@ -57,8 +57,16 @@ def read_timing(log: Path, offset: int) -> tuple[list[dict], int]:
     return records, offset + len(data)
 
 
-def phases_of(records: list[dict], spawn: float, end: float) -> dict | None:
+# A start from the pool: no QEMU is launched; the monitor claims a booted VM.
+POOL_PHASES = [
+    ("cli (python, imports)", "spawn", "cli_run"),
+    ("monitor up, VM claimed, agent connected", "cli_run", "agent_ready"),
+] + PHASES[next(i for i, (_, start, _) in enumerate(PHASES) if start == "agent_ready"):]
+
+
+def phases_of(records: list[dict], spawn: float, end: float, phases=None) -> dict | None:
     """Seconds per phase of one run, or None if a record is missing."""
+    phases = PHASES if phases is None else phases
     at: dict[str, float] = {"spawn": spawn, "exit": end}
     guest = {}
     uptime_at_ready = 0.0
@@ -74,7 +82,7 @@ def phases_of(records: list[dict], spawn: float, end: float) -> dict | None:
         at["agent_main"] = at["agent_ready"] - (uptime_at_ready - guest["started"])
         at["agent_listening"] = at["agent_ready"] - (uptime_at_ready - guest["listening"])
     try:
-        return {name: at[b] - at[a] for name, a, b in PHASES}
+        return {name: at[b] - at[a] for name, a, b in phases}
     except KeyError:
         return None
 

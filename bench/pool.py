@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .coldstart import phases_of, read_timing
+from .coldstart import POOL_PHASES, phases_of, read_timing
 from .common import KATA, Peers, summary
 
 POOLED_MARK = "using pooled VM"
@@ -69,7 +69,7 @@ def measure(peers: Peers, bundle: Path, runs: int, size: int, memory_mib: int = 
                     text = peers.log.read_bytes()[offset:].decode(errors="replace")
                     pooled += POOLED_MARK in text
                     records, offset = read_timing(peers.log, offset)
-                    phases = phases_of(records, spawn, end)
+                    phases = phases_of(records, spawn, end, POOL_PHASES)
                     if phases is not None:
                         breakdown.append(phases)
                 if result.returncode != 0:
@@ -79,6 +79,8 @@ def measure(peers: Peers, bundle: Path, runs: int, size: int, memory_mib: int = 
         _factory(env, "stop")
     out = {"available": True, "pool_size": size, "memory_mib": memory_mib, "runs": runs,
            "runs_that_used_a_pooled_vm": pooled, "wall_s": {n: summary(v) for n, v in wall.items()}}
+    if breakdown:
+        out["kata_py_phases_s"] = {name: summary([b[name] for b in breakdown], 3) for name, _, _ in POOL_PHASES}
     if "runsc" in wall and wall["runsc"]:
         out["pool_over_runsc"] = round(out["wall_s"]["kata-py (pool)"]["median"] / out["wall_s"]["runsc"]["median"], 3)
     return out

@@ -116,6 +116,9 @@ def markdown(results: dict) -> str:
             lines += [f"Pool of {pool['pool_size']} × {pool['memory_mib']} MiB; {pool['runs_that_used_a_pooled_vm']} of "
                       f"{pool['runs']} runs used a pooled VM.", "", "| runtime | `run` /bin/true wall s |", "|---|---|"]
             lines += [f"| {n} | {_cell(s)} |" for n, s in pool["wall_s"].items()]
+            if "kata_py_phases_s" in pool:
+                lines += ["", "kata-py `run` from the pool by phase (s):", "", "| phase | s |", "|---|---|"]
+                lines += [f"| {name} | {_cell(s)} |" for name, s in pool["kata_py_phases_s"].items()]
             lines.append("")
     for section, error in (results.get("errors") or {}).items():
         lines += [f"**{section} failed:** {error}", ""]
