@@ -60,7 +60,9 @@ def read_timing(log: Path, offset: int) -> tuple[list[dict], int]:
 # A start from the pool: no QEMU is launched; the monitor claims a booted VM.
 POOL_PHASES = [
     ("cli (python, imports)", "spawn", "cli_run"),
-    ("monitor up, VM claimed, agent connected", "cli_run", "agent_ready"),
+    ("monitor process up (python, imports)", "cli_run", "monitor_started"),
+    ("pooled VM claimed", "monitor_started", "vm_claimed"),
+    ("agent connected", "vm_claimed", "agent_ready"),
 ] + PHASES[next(i for i, (_, start, _) in enumerate(PHASES) if start == "agent_ready"):]
 
 

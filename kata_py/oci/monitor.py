@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from ..errors import KataError
+from ..timing import mark
 from .state import Status, StateStore
 
 log = logging.getLogger("kata_py.monitor")
@@ -139,6 +140,7 @@ def _claim_pooled_vm(config: dict):
     claimed = claim_for(config)
     if claimed is not None:
         log.info("using pooled VM of standby %d", claimed.pid)
+        mark("vm_claimed")
     return claimed
 
 
@@ -183,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         # the container's, and `create` reports the error itself.
         logging.basicConfig(handlers=[logging.NullHandler()])
     report = StatusPipe(args.status_fd)
+    mark("monitor_started")
     try:
         if args.process_json:
             status = asyncio.run(run_exec(args, report))
