@@ -166,6 +166,37 @@ def test_killed_monitor_of_a_pooled_container_leaks_nothing(factory, tmp_path):
     assert_nothing_left(root)
 
 
+@pytest.mark.parametrize("victim", ["qemu", "standby"])
+def test_a_pooled_vm_killed_under_its_container_ends_it_cleanly(factory, tmp_path, victim):
+    """Faults on the pooled path: the VM's QEMU, or the standby that keeps it,
+    SIGKILLed while the container runs. The monitor ends, `state` says
+    stopped, and delete leaves nothing (no VM, standby, share or run dir)."""
+    wait_pool_full()
+    bundle = make_bundle(tmp_path / victim, ["sleep", "1000"])
+    root = tmp_path / f"root-{victim}"
+    with open(tmp_path / f"{victim}.out", "wb") as out:
+        result = cli(root, "--log", tmp_path / f"{victim}.log", "run", "--detach", "--bundle", bundle,
+                     "--pid-file", tmp_path / f"{victim}.pid", victim, stdout=out, stderr=out)
+    assert result.returncode == 0, (tmp_path / f"{victim}.out").read_text()
+    log = (tmp_path / f"{victim}.log").read_text()
+    assert "using pooled VM" in log
+    standby = int(log.split("using pooled VM of standby ")[1].split()[0])
+    state = json.loads((root / victim / "state.json").read_text())
+    monitor = int((tmp_path / f"{victim}.pid").read_text())
+    qemus = qemu_processes_under(Path(state["run_dir"]))
+    assert len(qemus) == 1
+    os.kill(qemus[0] if victim == "qemu" else standby, signal.SIGKILL)
+    reap(monitor, timeout=60)
+    assert json.loads(cli(root, "state", victim).stdout)["status"] == "stopped"
+    assert cli(root, "delete", victim).returncode == 0
+    deadline = time.monotonic() + 60
+    while (Path(f"/proc/{standby}").exists() or qemu_processes_under(Path(state["run_dir"]))) \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not Path(f"/proc/{standby}").exists() and not qemu_processes_under(Path(state["run_dir"]))
+    assert_nothing_left(root)
+
+
 def test_status_and_stop_without_a_factory(tmp_path, monkeypatch):
     monkeypatch.setenv("KATA_PY_RUN_DIR", str(tmp_path))
     result = cli(tmp_path / "root", "factory", "status")
