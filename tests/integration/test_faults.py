@@ -440,3 +440,34 @@ def test_random_faults(tmp_path, namespaces):  # noqa: F811
     failures = run_trials(tmp_path, plan, namespaces, use_netns, delays,
                           keep_going=bool(os.environ.get("KATA_PY_FAULT_TRIALS")))
     assert not failures, f"{len(failures)} of {len(plan)} trials failed:\n" + "\n".join(failures)
+
+
+@pytest.mark.parametrize("fault", ["kill-qemu", "kill-backend"])
+def test_foreground_run_ends_clearly_when_its_vm_dies(tmp_path, fault):
+    """A foreground `run` (podman without --detach, a shell user) whose VM is
+    killed under the running container: `run` ends with a non-zero status and
+    at most one error line, and, since it deletes what it ran, leaves nothing."""
+    root, container_id = tmp_path / "root", f"kpfg{os.getpid()}"
+    bundle = make_bundle(tmp_path / "bundle", ["sh", "-c", INIT])
+    root.mkdir()  # kata-py keeps its --root directory, as runc does
+    checker = LeakChecker(roots=[root, bundle], temp_dir=tmp_path,
+                          tokens=[container_id, sandbox_dir_for(str(root), container_id).name])
+    before = checker.snapshot()
+    run = subprocess.Popen(KATA + ["--root", str(root), "run", "--bundle", str(bundle), container_id],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: (bundle / "rootfs" / "started").exists(), CLI_TIMEOUT, "the container to run")
+        monitor = wait_for(lambda: monitor_of(root), 10, "the monitor")
+        signal_pid(vm_process(monitor, "qemu" if fault == "kill-qemu" else "backend"), signal.SIGKILL)
+        out, err = run.communicate(timeout=CLI_TIMEOUT)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    result = subprocess.CompletedProcess(run.args, run.returncode, out, err)
+    assert result.returncode != 0, result
+    if err.strip():
+        assert_clear(result, f"foreground run x {fault}", allow_ok=False)
+    assert_clear(run_cli(root, "list"), "list after the run")
+    (bundle / "rootfs" / "started").unlink()
+    checker.assert_clean(before)
