@@ -7,7 +7,6 @@ slow spell of the host (other work on a 2-core machine) hits them alike.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shutil
@@ -18,6 +17,8 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from kata_py.hostsys import crun_preexec
 
 REPO = Path(__file__).resolve().parent.parent
 KATA = REPO / ".venv" / "bin" / "kata-py"
@@ -115,21 +116,6 @@ def make_bundle(directory: Path, args: list[str], rootfs: Path) -> Path:
 
 # -------------------------------------------------------------------- peers
 
-_libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNS = 0x00020000
-MS_REC, MS_PRIVATE, MNT_DETACH = 0x4000, 1 << 18, 2
-
-
-def _crun_mount_namespace() -> None:
-    """In crun's child before exec: crun 1.8 refuses this host's hybrid cgroups
-    unless /sys/fs/cgroup/unified is gone, so unmount it in a private mount
-    namespace of its own (a few syscalls; the host keeps its mounts)."""
-    if _libc.unshare(CLONE_NEWNS) != 0:
-        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
-    _libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None)
-    _libc.umount2(b"/sys/fs/cgroup/unified", MNT_DETACH)
-
-
 class Peers:
     """The runtimes side by side: argv for run/exec/delete and their state roots."""
 
@@ -146,7 +132,7 @@ class Peers:
         return base[:1] + RUNSC_FLAGS + base[1:] if name == "runsc" else base
 
     def preexec(self, name: str):
-        return _crun_mount_namespace if name == "crun" else None
+        return crun_preexec(name)
 
     def run(self, name: str, bundle: Path, container_id: str, **kwargs) -> Timed:
         return run_timed(self.binary(name) + ["run", "--bundle", bundle, container_id],

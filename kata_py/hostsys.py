@@ -42,3 +42,25 @@ def unshare(flags: int) -> None:
 
 def setns(fd: int, nstype: int) -> None:
     _check(_libc.setns(fd, nstype), "setns")
+
+
+HYBRID_CGROUP2 = "/sys/fs/cgroup/unified"
+
+
+def hide_hybrid_cgroup2() -> None:
+    """For crun's child before exec (a preexec_fn): crun 1.8 refuses a host
+    with hybrid cgroups (v1 controllers plus the v2 hierarchy mounted at
+    /sys/fs/cgroup/unified). In a mount namespace of its own that mount is
+    gone and crun runs on the v1 controllers; the host keeps its mounts."""
+    unshare(CLONE_NEWNS)
+    mount("none", "/", "", MS_REC | MS_SLAVE)
+    try:
+        umount(HYBRID_CGROUP2, MNT_DETACH)
+    except OSError:
+        pass  # not a hybrid host: nothing to hide
+
+
+def crun_preexec(name: str):
+    """The preexec_fn to run runtime `name` with on this host (crun only, and
+    only where the hybrid v2 mount exists), else None."""
+    return hide_hybrid_cgroup2 if name == "crun" and os.path.ismount(HYBRID_CGROUP2) else None

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError, KataError
+from ..hostsys import crun_preexec
 
 KNOWN = {"runc": "runc", "crun": "crun"}  # name -> executable on PATH (Debian packages of the same names)
 
@@ -24,6 +25,8 @@ class Runtime:
         self.name = name
         self.argv = argv
         self.root = root
+        # crun 1.8 refuses hybrid cgroups: each of its calls runs where the v2 mount is hidden.
+        self.preexec = crun_preexec(name)
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     @classmethod
@@ -44,7 +47,8 @@ class Runtime:
 
     def version(self) -> str:
         try:
-            result = subprocess.run([*self.argv, "--version"], capture_output=True, text=True, timeout=30)
+            result = subprocess.run([*self.argv, "--version"], capture_output=True, text=True, timeout=30,
+                                    preexec_fn=self.preexec)
         except (OSError, subprocess.TimeoutExpired) as exc:
             return f"unknown ({exc})"
         return (result.stdout.strip().splitlines() or ["unknown"])[0]
@@ -54,7 +58,8 @@ class Runtime:
         a file (`log`), never a pipe that would stay open as long as it runs."""
         with open(log, "wb") as out:
             result = subprocess.run(self.command("run", "--detach", "--bundle", str(bundle), container_id),
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=out, timeout=900)
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=out, timeout=900,
+                                    preexec_fn=self.preexec)
         if result.returncode != 0:
             raise HarnessError(f"{self.name} could not run the harness container: "
                                f"{log.read_text(errors='replace').strip()[-500:]}")
@@ -62,19 +67,20 @@ class Runtime:
     def exec(self, container_id: str, argv: list[str], timeout: float) -> tuple[int, str]:
         try:
             result = subprocess.run(self.command("exec", container_id, *argv), stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout,
+                                    preexec_fn=self.preexec)
         except subprocess.TimeoutExpired as exc:
             return -1, (exc.output or b"").decode(errors="replace") + f"\n(the exec ran past {timeout:.0f} s)"
         return result.returncode, result.stdout.decode(errors="replace")
 
     def exec_interactive(self, container_id: str, argv: list[str]) -> subprocess.Popen:
         return subprocess.Popen(self.command("exec", container_id, *argv), stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=self.preexec)
 
     def delete(self, container_id: str) -> str | None:
         """`delete --force`; the error, if it failed."""
         result = subprocess.run(self.command("delete", "--force", container_id), stdin=subprocess.DEVNULL,
-                                capture_output=True, timeout=120)
+                                capture_output=True, timeout=120, preexec_fn=self.preexec)
         if result.returncode != 0:
             return result.stderr.decode(errors="replace").strip()[-500:]
         return None

@@ -225,3 +225,15 @@ def test_a_changed_sysctl_or_clock_reads_as_broke_and_is_put_back(tmp_path, monk
     finally:
         host.close()
     assert sysctls["kernel.domainname"] == "(none)" and clock["offset"] == 1000.0
+
+
+def test_only_crun_on_a_hybrid_host_runs_with_the_v2_mount_hidden(monkeypatch, tmp_path):
+    from kata_py import hostsys
+    from kata_py.harness.runtime import Runtime
+
+    monkeypatch.setattr(hostsys.os.path, "ismount", lambda path: path == hostsys.HYBRID_CGROUP2)
+    assert hostsys.crun_preexec("crun") is hostsys.hide_hybrid_cgroup2
+    assert hostsys.crun_preexec("runc") is None and hostsys.crun_preexec("kata-py") is None
+    monkeypatch.setattr(hostsys.os.path, "ismount", lambda path: False)
+    assert hostsys.crun_preexec("crun") is None  # a pure v2 (or v1) host: crun runs as it is
+    assert Runtime("runc", ["runc"], tmp_path / "root").preexec is None
