@@ -66,6 +66,11 @@ POOL_PHASES = [
 ] + PHASES[next(i for i, (_, start, _) in enumerate(PHASES) if start == "agent_ready"):]
 
 
+def phase_summary(breakdown: list[dict], phases) -> dict:
+    """Median/min/max per phase over the runs' breakdowns, in phase order."""
+    return {name: summary([b[name] for b in breakdown], 3) for name, _, _ in phases}
+
+
 def phases_of(records: list[dict], spawn: float, end: float, phases=None) -> dict | None:
     """Seconds per phase of one run, or None if a record is missing."""
     phases = PHASES if phases is None else phases
@@ -132,5 +137,5 @@ def measure(peers: Peers, image, accel: str, bundle: Path, runs: int) -> dict:
         out["kata_py_over_floor"] = round(out["wall_s"]["kata-py"]["median"] / out["wall_s"]["floor"]["median"], 3)
         out["kata_py_over_floor_cpu"] = round(out["cpu_s"]["kata-py"]["median"] / out["cpu_s"]["floor"]["median"], 3)
     if breakdown:
-        out["kata_py_phases_s"] = {name: summary([b[name] for b in breakdown], 3) for name, _, _ in PHASES}
+        out["kata_py_phases_s"] = phase_summary(breakdown, PHASES)
     return out

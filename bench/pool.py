@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .coldstart import POOL_PHASES, phases_of, read_timing
+from .coldstart import POOL_PHASES, phase_summary, phases_of, read_timing
 from .common import KATA, Peers, summary
 
 POOLED_MARK = "using pooled VM"
@@ -80,7 +80,7 @@ def measure(peers: Peers, bundle: Path, runs: int, size: int, memory_mib: int = 
     out = {"available": True, "pool_size": size, "memory_mib": memory_mib, "runs": runs,
            "runs_that_used_a_pooled_vm": pooled, "wall_s": {n: summary(v) for n, v in wall.items()}}
     if breakdown:
-        out["kata_py_phases_s"] = {name: summary([b[name] for b in breakdown], 3) for name, _, _ in POOL_PHASES}
+        out["kata_py_phases_s"] = phase_summary(breakdown, POOL_PHASES)
     if "runsc" in wall and wall["runsc"]:
         out["pool_over_runsc"] = round(out["wall_s"]["kata-py (pool)"]["median"] / out["wall_s"]["runsc"]["median"], 3)
     return out

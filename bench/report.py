@@ -10,6 +10,10 @@ def _cell(s: dict | None, unit: str = "", digits: int = 3) -> str:
     return f"{fmt.format(s['median'])}{unit} ({fmt.format(s['min'])}–{fmt.format(s['max'])})"
 
 
+def _phase_table(title: str, phases: dict) -> list[str]:
+    return ["", title, "", "| phase | s |", "|---|---|"] + [f"| {name} | {_cell(s)} |" for name, s in phases.items()]
+
+
 def targets(results: dict) -> list[dict]:
     """The issue's acceptance targets, as measured in this run."""
     out = []
@@ -60,9 +64,8 @@ def markdown(results: dict) -> str:
             lines += ["", f"kata-py / floor: **{cold['kata_py_over_floor']}×** wall, "
                           f"{cold['kata_py_over_floor_cpu']}× CPU."]
         if "kata_py_phases_s" in cold:
-            lines += ["", "kata-py `run` by phase (s; guest times placed on the host clock by the agent's "
-                          "uptime in its ping reply):", "", "| phase | s |", "|---|---|"]
-            lines += [f"| {name} | {_cell(s)} |" for name, s in cold["kata_py_phases_s"].items()]
+            lines += _phase_table("kata-py `run` by phase (s; guest times placed on the host clock by the agent's "
+                                  "uptime in its ping reply):", cold["kata_py_phases_s"])
         lines.append("")
     execio = results.get("execio")
     if execio:
@@ -117,8 +120,7 @@ def markdown(results: dict) -> str:
                       f"{pool['runs']} runs used a pooled VM.", "", "| runtime | `run` /bin/true wall s |", "|---|---|"]
             lines += [f"| {n} | {_cell(s)} |" for n, s in pool["wall_s"].items()]
             if "kata_py_phases_s" in pool:
-                lines += ["", "kata-py `run` from the pool by phase (s):", "", "| phase | s |", "|---|---|"]
-                lines += [f"| {name} | {_cell(s)} |" for name, s in pool["kata_py_phases_s"].items()]
+                lines += _phase_table("kata-py `run` from the pool by phase (s):", pool["kata_py_phases_s"])
             lines.append("")
     for section, error in (results.get("errors") or {}).items():
         lines += [f"**{section} failed:** {error}", ""]

@@ -169,19 +169,16 @@ class Containers:
             raise ProcessError("failed", f"container {container_id!r}: its processes did not die")
         with self.lock:
             self.by_id.pop(container_id, None)
-        try:
-            self.sys.umount(container.share, MNT_DETACH)
-        except OSError:
-            pass
+        self._undo(container, MNT_DETACH)
         for directory in (container.share, os.path.dirname(container.share)):
             try:
                 os.rmdir(directory)
             except OSError:
                 pass
 
-    def _undo(self, container: Container) -> None:
+    def _undo(self, container: Container, flags: int = 0) -> None:
         try:
-            self.sys.umount(container.share)
+            self.sys.umount(container.share, flags)
         except OSError:
             pass
 
