@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -24,15 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import summary  # noqa: E402
 from kata_py import paths  # noqa: E402
 from kata_py.image import ensure_image  # noqa: E402
 from kata_py.sandbox.sandbox import Sandbox  # noqa: E402
 from kata_py.vmm.probe import boot_floor, choose_accel  # noqa: E402
-
-
-def summary(samples: list[float]) -> dict:
-    return {"median": round(statistics.median(samples), 4), "min": round(min(samples), 4),
-            "max": round(max(samples), 4), "runs": len(samples)}
 
 
 def bench_floor(image, accel: str, machine: str) -> float:

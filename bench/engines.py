@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import summary  # noqa: E402
 from tests.engines import IMAGE, Containerd, Podman, image_tar, kata_binary  # noqa: E402
 
 
@@ -29,11 +29,6 @@ def timed(fn) -> float:
     if result.returncode != 0:
         raise SystemExit(f"failed: {result.args}: {result.stderr.decode(errors='replace')[-500:]}")
     return time.monotonic() - started
-
-
-def summary(samples: list[float]) -> dict:
-    return {"median": round(statistics.median(samples), 3), "min": round(min(samples), 3),
-            "max": round(max(samples), 3), "runs": len(samples)}
 
 
 def main() -> None:
@@ -58,7 +53,7 @@ def main() -> None:
                     "run", "--rm", "--runtime", binary, "--network", "none", IMAGE, "/bin/true")))
                 samples[f"ctr_run_rm_{name}"].append(timed(lambda: ctr.ctr(
                     "run", "--rm", "--runc-binary", binary, IMAGE, f"bench-{name}-{i}", "/bin/true")))
-        results.update({key: summary(value) for key, value in samples.items()})
+        results.update({key: summary(value, 3) for key, value in samples.items()})
     finally:
         podman.cleanup()
         if ctr is not None:
