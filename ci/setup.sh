@@ -15,6 +15,7 @@ PACKAGES=(
   containernetworking-plugins             # podman's network backend (bridge, host-local, portmap)
   iptables                                # the NAT rules of podman's bridge network and -p
   runc crun runsc                         # peers for side-by-side benchmarks (runsc: gVisor)
+  docker.io                               # Docker drives kata-py through containerd's runc shim
   ca-certificates
 )
 
@@ -26,7 +27,16 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
+  # No service starts while packages install (docker.io, containerd): a dockerd
+  # started on the host would put its bridge and NAT rules in the host's network.
+  # The tests start their own, each inside a private network namespace.
+  guard=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
+    guard=/usr/sbin/policy-rc.d
+  fi
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  [ -z "$guard" ] || rm -f "$guard"
 fi
 # The guest image builder downloads .debs with apt-get: it needs package lists.
 if ! apt-cache policy linux-image-amd64 2>/dev/null | grep -q 'Candidate: [0-9]'; then

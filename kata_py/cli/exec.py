@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..errors import ConfigError
+from ..errors import ConfigError, KataError
 from .common import add_id, store
 
 
@@ -67,7 +67,23 @@ def process_spec(args) -> dict:
     return spec
 
 
+class ExecFailed(KataError):
+    """An exec that failed before its process ran: runc's wording and status
+    (255, so that it cannot be mistaken for the process's own exit status)."""
+
+    exit_code = 255
+
+
 def cmd_exec(args) -> int:
+    try:
+        return _exec(args)
+    except ExecFailed:
+        raise
+    except KataError as exc:
+        raise ExecFailed(f"exec failed: {exc}") from exc
+
+
+def _exec(args) -> int:
     from ..oci.container import exec_detached
     from ..oci.exec_process import container_process, run_attached, with_container_defaults
 

@@ -225,6 +225,11 @@ def parse_signal(text: str) -> int:
 
 def kill(store: StateStore, container_id: str, signum: int, all_processes: bool = False) -> None:
     state = store.load(container_id)
+    if all_processes and state.live_status() is Status.STOPPED:
+        # As runc: nothing is left to signal, which is what --all asked for.
+        # containerd's CRI sends `kill --all ID 9` after every exit and only
+        # records the exit once that succeeds.
+        return
     status = state.require("kill", Status.can_kill)
     if status is Status.PAUSED:
         # A paused VM cannot deliver a signal; let it run for that (runc, too,
@@ -263,6 +268,8 @@ def stats(store: StateStore, container_id: str) -> dict:
 
 def processes(store: StateStore, container_id: str) -> list[dict]:
     state = store.load(container_id)
+    if state.live_status() is Status.STOPPED:
+        return []       # as runc: a stopped container has no processes, which is no error
     state.require("list processes of", lambda status: status in (Status.RUNNING, Status.PAUSED, Status.CREATED))
     reply = _agent_call(state, "list_processes", {"container_id": agent_container_id(container_id)})
     return reply["processes"]

@@ -26,22 +26,49 @@ ID_PATTERN = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.+-]*\Z")
 MAX_ID = 255  # the id is a directory name under --root: NAME_MAX
 
 
+# The messages below are runc's, word for word: containerd's runc shim, conmon
+# and CRI-O decide what an error means by matching on them ("does not exist",
+# "container not running", ...), so a different wording turns a harmless case
+# (killing a container that already exited) into a failure they retry forever.
+
+
 class ContainerNotFound(KataError):
     def __init__(self, container_id: str) -> None:
         self.container_id = container_id
-        super().__init__(f"container {container_id!r} does not exist")
+        super().__init__("container does not exist")
 
 
 class ContainerExists(KataError):
     def __init__(self, container_id: str) -> None:
         self.container_id = container_id
-        super().__init__(f"container {container_id!r} already exists")
+        super().__init__("container with given ID already exists")
 
 
 class ContainerBusy(KataError):
     def __init__(self, container_id: str) -> None:
         self.container_id = container_id
         super().__init__(f"container {container_id!r} is locked by another operation")
+
+
+def status_wording(operation: str, container_id: str, status: "Status") -> str:
+    """runc's message for `operation` refused in `status` (runc 1.1)."""
+    if operation == "start":
+        if status is Status.RUNNING:
+            return "cannot start an already running container"
+        if status is Status.STOPPED:
+            return "cannot start a container that has stopped"
+        return f"cannot start a container in the {status.value} state"
+    if operation == "delete":
+        return f"cannot delete container {container_id} that is not stopped: {status.value}"
+    if operation == "exec in":
+        if status is Status.PAUSED:
+            return "cannot exec in a paused container (use --ignore-paused to override)"
+        return f"cannot exec in a {status.value} container"
+    if operation == "resume":
+        return "container not paused"
+    if operation == "read stats of":
+        return f"container with id {container_id} is not running"
+    return "container not running"      # kill, pause, update, ...
 
 
 class StatusError(KataError):
@@ -51,7 +78,7 @@ class StatusError(KataError):
         self.container_id = container_id
         self.operation = operation
         self.status = status
-        super().__init__(f"cannot {operation} container {container_id!r}: it is {status.value}")
+        super().__init__(status_wording(operation, container_id, status))
 
 
 class Status(enum.Enum):
@@ -73,7 +100,8 @@ class Status(enum.Enum):
         return self in (Status.CREATED, Status.STOPPED)
 
     def can_exec(self) -> bool:
-        return self is Status.RUNNING
+        # runc, too, execs into a created container: its namespaces exist.
+        return self in (Status.CREATED, Status.RUNNING)
 
     def can_pause(self) -> bool:
         return self is Status.RUNNING

@@ -12,15 +12,15 @@ import pytest
 from kata_py.errors import ConfigError, KataError
 from kata_py.oci.container import parse_signal
 from kata_py.oci.state import (MAX_ID, ContainerBusy, ContainerExists, ContainerNotFound, ContainerState,
-                               StateStore, Status, process_start_time, validate_id)
+                               StateStore, Status, StatusError, process_start_time, validate_id)
 
-# -- status rules (runtime-spec "Operations", plus runc's delete of a created container)
+# -- status rules (runtime-spec "Operations", plus runc's delete of and exec into a created container)
 
 
 RULES = {
     #            start  kill   delete exec   pause  resume
     "creating": (False, False, False, False, False, False),
-    "created": (True, True, True, False, False, False),
+    "created": (True, True, True, True, False, False),
     "running": (False, True, False, True, True, False),
     "paused": (False, True, False, False, False, True),
     "stopped": (False, False, True, False, False, False),
@@ -32,6 +32,33 @@ def test_status_rules(status):
     s = Status(status)
     got = (s.can_start(), s.can_kill(), s.can_delete(), s.can_exec(), s.can_pause(), s.can_resume())
     assert got == RULES[status]
+
+
+# runc 1.1's messages, which shims and conmon match on (the integration test
+# test_runc_wording.py checks them against a real runc).
+WORDING = [
+    ("start", "running", "cannot start an already running container"),
+    ("start", "stopped", "cannot start a container that has stopped"),
+    ("start", "paused", "cannot start a container in the paused state"),
+    ("delete", "running", "cannot delete container c1 that is not stopped: running"),
+    ("exec in", "stopped", "cannot exec in a stopped container"),
+    ("exec in", "paused", "cannot exec in a paused container (use --ignore-paused to override)"),
+    ("kill", "stopped", "container not running"),
+    ("pause", "paused", "container not running"),
+    ("update", "stopped", "container not running"),
+    ("resume", "running", "container not paused"),
+    ("read stats of", "stopped", "container with id c1 is not running"),
+]
+
+
+@pytest.mark.parametrize("operation, status, message", WORDING)
+def test_refusals_use_runcs_wording(operation, status, message):
+    assert str(StatusError("c1", operation, Status(status))) == message
+
+
+def test_unknown_and_duplicate_ids_use_runcs_wording():
+    assert str(ContainerNotFound("c1")) == "container does not exist"
+    assert str(ContainerExists("c1")) == "container with given ID already exists"
 
 
 def test_every_status_has_a_rule():
