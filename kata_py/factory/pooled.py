@@ -20,9 +20,14 @@ def eligible(config: dict) -> tuple[int, int] | None:
     boot its own VM: a pooled VM has no NIC (microvm cannot hot-plug one)."""
     from ..oci.process_spec import vm_size
 
-    for namespace in (config.get("linux") or {}).get("namespaces") or []:
-        if namespace.get("type") == "network" and namespace.get("path"):
-            return None
+    from ..network.guard import network_entry
+
+    present, path = network_entry(config)
+    if path is not None:
+        return None
+    hooks = config.get("hooks") or {}
+    if present and (hooks.get("prestart") or hooks.get("createRuntime")):
+        return None     # a hook may put interfaces into the new namespace (Docker's does)
     return vm_size(config)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import files, scan, tcfilter
 from .errors import NetworkError
+from .guard import HOST_REFERENCES, NamespaceCarried, is_pod_sandbox, network_entry, refuse_host
 from .netns import Netns, open_if_same
 from .record import Made, Record, load
 
@@ -69,19 +70,28 @@ class Attachment:
 
 
 def namespace_path(config: dict) -> str | None:
-    """The network namespace to carry: a `network` entry's path. Without a
-    path (a new namespace) or without the entry (runc would share the host's,
-    which a VM cannot) the guest has loopback only."""
-    for namespace in (config.get("linux") or {}).get("namespaces") or []:
-        if namespace.get("type") == "network":
-            return namespace.get("path") or None
-    return None
+    """The spec's network namespace path, if it names one."""
+    return network_entry(config)[1]
+
+
+def carried_path(config: dict, monitor_pid: int) -> str | None:
+    """The namespace the monitor carries into its VM. `create` started the
+    monitor inside the spec's namespace, or inside a new one when the spec's
+    entry has no path (where a prestart hook, Docker's, may have put a veth);
+    a pod's sandbox container carries nothing, and without a network entry
+    (runc would share the host's, which a VM must not) there is nothing to carry."""
+    present, path = network_entry(config)
+    if not present or is_pod_sandbox(config):
+        return None
+    return path or f"/proc/{monitor_pid}/ns/net"
 
 
 def attach(netns_path: str | None, record_path: Path, hostname: str = "") -> Attachment:
     if netns_path is None:
         return Attachment([], configure_request(hostname, [], None))
     with Netns(netns_path) as netns:
+        # Checked by `create` already; checked again where the taps are made.
+        refuse_host(netns, HOST_REFERENCES[:1])
         record = Record(Path(record_path), netns_path, netns.identity)
         record.save()
         try:
@@ -112,10 +122,7 @@ def _carry(record: Record) -> tuple[list[GuestNic], list[scan.Endpoint]]:
         with IPRoute() as ipr:
             names = [msg.get_attr("IFLA_IFNAME") or "" for msg in ipr.get_links()]
             if any(name.startswith(scan.TAP_PREFIX) for name in names):
-                # One VM per namespace: mirred redirects a veth's frames to one tap only.
-                log.warning("network namespace %s is carried by another kata-py VM already: "
-                            "this one gets loopback only", record.netns)
-                return [], []
+                raise NamespaceCarried(record.netns)
             endpoints = scan.read(ipr)
             if len(endpoints) > MAX_NICS:
                 log.warning("network namespace %s has %d interfaces: the guest gets the first %d",

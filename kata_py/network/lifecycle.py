@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 
 from ..errors import KataError
-from .attach import Attachment, attach, detach_recorded, namespace_path
+from .attach import Attachment, attach, carried_path, detach_recorded
 
 log = logging.getLogger("kata_py.network")
 
@@ -20,8 +21,9 @@ CONFIGURE_TIMEOUT = 90.0    # the guest may still be loading its NIC driver
 
 
 async def attach_container(config: dict, state_dir: Path) -> Attachment:
-    """Before the VM boots: the taps and mirroring for the spec's network namespace."""
-    return await asyncio.to_thread(attach, namespace_path(config), Path(state_dir) / RECORD_NAME,
+    """Before the VM boots: the taps and mirroring for the namespace this
+    monitor was started in (see carried_path)."""
+    return await asyncio.to_thread(attach, carried_path(config, os.getpid()), Path(state_dir) / RECORD_NAME,
                                    config.get("hostname") or "")
 
 

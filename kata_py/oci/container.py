@@ -6,6 +6,7 @@ changes anything, and leaves nothing behind when it fails.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import pwd
@@ -31,9 +32,11 @@ UNREACHABLE_EXIT_TIMEOUT = 3.0   # delete --force: the agent did not take the SI
 
 
 def _monitor_argv(root: str, container_id: str, status_fd: int, console_socket: str | None,
-                  log_file: str | None, process_json: str | None = None) -> list[str]:
+                  log_file: str | None, process_json: str | None = None, go_fd: int = -1) -> list[str]:
     argv = [sys.executable, "-m", "kata_py.oci.monitor", "--root", root, "--id", container_id,
             "--status-fd", str(status_fd)]
+    if go_fd >= 0:
+        argv += ["--go-fd", str(go_fd)]
     if console_socket:
         argv += ["--console-socket", console_socket]
     if log_file:
@@ -43,16 +46,38 @@ def _monitor_argv(root: str, container_id: str, status_fd: int, console_socket: 
     return argv
 
 
-def spawn_monitor(argv_for, timeout: float = CREATE_TIMEOUT) -> tuple[subprocess.Popen, dict]:
-    """Start a monitor and wait for its one-line report; (process, payload)."""
+def spawn_monitor(argv_for, timeout: float = CREATE_TIMEOUT, preexec_fn=None,
+                  prepare=None) -> tuple[subprocess.Popen, dict]:
+    """Start a monitor and wait for its one-line report; (process, payload).
+
+    With `prepare`, the monitor waits before it does anything until
+    prepare(process) has returned (the prestart hooks, which must see the
+    monitor's pid and network namespace before the VM's network is read);
+    if prepare raises, the monitor is ended and the error goes on."""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    go_read, go_write = os.pipe2(os.O_CLOEXEC) if prepare else (-1, -1)
     try:
-        proc = subprocess.Popen(argv_for(write_fd), pass_fds=[write_fd], start_new_session=True)
-    except OSError as exc:
+        proc = subprocess.Popen(argv_for(write_fd, go_read), pass_fds=[fd for fd in (write_fd, go_read) if fd >= 0],
+                                start_new_session=True, preexec_fn=preexec_fn)
+    except (OSError, subprocess.SubprocessError) as exc:
         os.close(read_fd)
-        raise KataError(f"cannot start the monitor: {exc.strerror}") from None
+        if go_write >= 0:
+            os.close(go_write)
+        raise KataError(f"cannot start the monitor: {getattr(exc, 'strerror', None) or exc}") from exc
     finally:
         os.close(write_fd)
+        if go_read >= 0:
+            os.close(go_read)
+    if prepare is not None:
+        try:
+            prepare(proc)
+            os.write(go_write, b"go\n")
+        except BaseException:
+            os.close(read_fd)
+            _stop(proc)
+            raise
+        finally:
+            os.close(go_write)
     try:
         line = _read_line(read_fd, timeout)
     finally:
@@ -116,15 +141,86 @@ def create(store: StateStore, container_id: str, bundle: str, pid_file: str | No
         raise ConfigError("config.json /process/terminal is true: --console-socket is required")
     if console_socket and not process.get("terminal"):
         raise ConfigError("--console-socket needs config.json /process/terminal to be true")
+    placement = _network_placement(config)
+    try:
+        return _create(store, container_id, bundle_dir, config, rootfs, placement, pid_file, console_socket,
+                       log_file, no_pivot)
+    finally:
+        if placement is not None:
+            placement.close()
+
+
+def _network_placement(config: dict):
+    """Where the monitor lives, network-wise: the spec's namespace (refused
+    when it is the host's or another VM carries it), a new one when the spec's
+    entry has no path, or the runtime's own when there is no entry (the guest
+    then has loopback only). The monitor's pid is the container's pid, and
+    clients read the pod's network namespace from /proc/PID/ns/net."""
+    from ..network import network_entry, open_carriable
+
+    present, path = network_entry(config)
+    if path is not None:
+        return open_carriable(path)
+    return _NEW_NAMESPACE if present else None
+
+
+class _NewNamespace:
+    def close(self) -> None:
+        pass
+
+
+_NEW_NAMESPACE = _NewNamespace()
+
+
+def _enter_network(placement):
+    """The monitor's preexec: runs in the child between fork and exec."""
+    from ..network.netns import CLONE_NEWNET, _libc
+
+    if placement is None:
+        return None
+    if placement is _NEW_NAMESPACE:
+        def enter() -> None:
+            if _libc.unshare(CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
+    else:
+        fd = placement.fd
+
+        def enter() -> None:
+            if _libc.setns(fd, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), f"setns into {placement.path}")
+    return enter
+
+
+def _create(store: StateStore, container_id: str, bundle_dir, config: dict, rootfs, placement,
+            pid_file: str | None, console_socket: str | None, log_file: str | None,
+            no_pivot: bool) -> subprocess.Popen:
+    process = config["process"]
     with store.lock(container_id, create=True):
         state = ContainerState(id=container_id, bundle=str(bundle_dir), rootfs=str(rootfs), owner=_owner(),
                                annotations=config.get("annotations", {}), terminal=bool(process.get("terminal")),
                                config_hooks=config.get("hooks", {}), no_pivot=no_pivot)
         store.save(state)
         proc = None
+        hooks = state.config_hooks
+        spawned: list[subprocess.Popen] = []
+
+        def prestart(monitor: subprocess.Popen) -> None:
+            # runc's order: the namespaces exist (the monitor's network namespace
+            # is the container's), the process has not started, and the hooks
+            # run in the runtime's namespaces with the monitor's pid. A hook may
+            # put interfaces into /proc/PID/ns/net (Docker's does): the monitor
+            # reads the namespace only after this.
+            spawned.append(monitor)
+            hook_state = dict(state.oci_state(), status=Status.CREATED.value, pid=monitor.pid)
+            run_hooks("prestart", hooks.get("prestart", []), hook_state)
+            run_hooks("createRuntime", hooks.get("createRuntime", []), hook_state)
+
+        has_hooks = bool(hooks.get("prestart") or hooks.get("createRuntime"))
         try:
-            proc, report = spawn_monitor(lambda fd: _monitor_argv(str(store.root), container_id, fd,
-                                                                  console_socket, log_file))
+            proc, report = spawn_monitor(
+                lambda fd, go_fd: _monitor_argv(str(store.root), container_id, fd, console_socket, log_file,
+                                                go_fd=go_fd),
+                preexec_fn=_enter_network(placement), prepare=prestart if has_hooks else None)
             state.pid = proc.pid
             state.pid_start_time = process_start_time(proc.pid)
             state.run_dir = report["run_dir"]
@@ -132,16 +228,10 @@ def create(store: StateStore, container_id: str, bundle: str, pid_file: str | No
             state.init_process = report["init_process"]
             state.status = Status.CREATED.value
             store.save(state)
-            hooks = state.config_hooks
-            try:
-                run_hooks("prestart", hooks.get("prestart", []), state.oci_state())
-                run_hooks("createRuntime", hooks.get("createRuntime", []), state.oci_state())
-            except KataError:
-                _stop(proc)
-                raise
             if pid_file:
                 _write_pid_file(pid_file, proc.pid)
         except BaseException:
+            proc = proc or (spawned[0] if spawned else None)
             if proc is not None:
                 # The monitor reported a VM but create cannot finish (a full
                 # disk, a failing hook): end it, and what a SIGKILLed monitor
@@ -394,7 +484,7 @@ def exec_detached(store: StateStore, container_id: str, spec: dict, pid_file: st
     with os.fdopen(fd, "w") as f:
         json.dump(spec, f)
     try:
-        proc, _ = spawn_monitor(lambda wfd: _monitor_argv(str(store.root), container_id, wfd, console_socket,
+        proc, _ = spawn_monitor(lambda wfd, _go: _monitor_argv(str(store.root), container_id, wfd, console_socket,
                                                           log_file, process_json), timeout=60)
     finally:
         if os.path.exists(process_json):

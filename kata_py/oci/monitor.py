@@ -125,6 +125,15 @@ async def run_container(args, report: StatusPipe, loaded, claimed=None) -> int:
     return status
 
 
+def _wait_for_go(fd: int) -> None:
+    """`create` says go once the prestart hooks ran; end of file means they
+    failed (or create died): there is nothing to build."""
+    with os.fdopen(fd, "rb") as pipe:
+        word = pipe.readline(16)
+    if word != b"go\n":
+        raise KataError("create did not finish its prestart hooks")
+
+
 def _load(args):
     """The container's state and bundle; `create` has validated the bundle."""
     from .spec import load_bundle
@@ -176,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--console-socket")
     parser.add_argument("--log")
     parser.add_argument("--exec-process-json", dest="process_json")
+    parser.add_argument("--go-fd", type=int, default=-1,
+                        help="wait for 'go' on this fd first (create runs the prestart hooks meanwhile)")
     args = parser.parse_args(argv)
     if args.log:
         logging.basicConfig(filename=args.log, level=logging.INFO,
@@ -190,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.process_json:
             status = asyncio.run(run_exec(args, report))
         else:
+            if args.go_fd >= 0:
+                _wait_for_go(args.go_fd)
             # Before any thread exists: the container's share mounts live and die
             # with this process and its QEMU (see share.py), or with the
             # standby of a pooled VM, whose mount namespace this joins.

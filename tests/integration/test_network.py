@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from kata_py.network import RECORD_NAME, attach, detach_recorded
+from kata_py.network import RECORD_NAME, NamespaceCarried, attach, detach_recorded
 from kata_py.network.netns import Netns
 from tests.bundles import make_bundle
 from tests.network_helpers import _ipr, connect_until, link_names, namespaces, snapshot  # noqa: F401
@@ -120,14 +120,16 @@ def test_detach_removes_only_what_kata_py_made(namespaces, tmp_path):
     detach_recorded(tmp_path / RECORD_NAME)   # nothing left to do: a no-op
 
 
-def test_a_namespace_already_carried_gives_loopback_only(namespaces, tmp_path):
+def test_a_namespace_already_carried_is_refused(namespaces, tmp_path):
     ns, peer = namespaces.create(), namespaces.create()
     namespaces.veth(ns, "eth0", "10.231.12.2/24", peer, "eth0", "10.231.12.1/24")
     first = attach(namespaces.path(ns), tmp_path / "first.json")
     try:
-        second = attach(namespaces.path(ns), tmp_path / "second.json")
-        assert second.nics == [] and second.request["interfaces"] == []
-        second.detach()
+        carrying = snapshot(ns)
+        with pytest.raises(NamespaceCarried, match="carried by another kata-py VM"):
+            attach(namespaces.path(ns), tmp_path / "second.json")
+        assert not (tmp_path / "second.json").exists()
+        assert snapshot(ns) == carrying
         assert mirred_targets(ns, "eth0") == [index_of(ns, "kp-tap0")]
     finally:
         first.detach()
