@@ -44,9 +44,10 @@ def features() -> dict:
         "annotations": {
             "io.kata-py.sandbox": "every container runs in its own QEMU guest; isolation is the guest kernel",
             "io.kata-py.network": "a network namespace given by path is carried into the VM (a tap beside "
-                                  "each veth, tc mirred both ways, virtio-net); a network namespace "
-                                  "without a path, or none in the spec (a VM cannot share the host's "
-                                  "network), gives the guest loopback only",
+                                  "each veth, tc mirred both ways, virtio-net); the host's namespace, or "
+                                  "one another VM carries, is refused; without a path the container gets "
+                                  "a new namespace (what prestart hooks put there is carried); none in "
+                                  "the spec (a VM cannot share the host's network) gives loopback only",
             "io.kata-py.rootfs": "virtio-9p share of the bundle rootfs",
         },
     }
