@@ -52,5 +52,5 @@ def cmd_create(args) -> int:
 
     check_create_flags(args)
     create(store(args), args.container_id, args.bundle, args.pid_file, args.console_socket, args.log,
-           no_pivot=args.no_pivot)
+           no_pivot=args.no_pivot, log_format=args.log_format)
     return 0

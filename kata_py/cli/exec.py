@@ -94,6 +94,7 @@ def _exec(args) -> int:
     if spec.get("terminal") and not args.console_socket and args.detach:
         raise ConfigError("exec --tty --detach needs --console-socket")
     if args.detach:
-        exec_detached(store(args), args.container_id, spec, args.pid_file, args.console_socket, args.log)
+        exec_detached(store(args), args.container_id, spec, args.pid_file, args.console_socket, args.log,
+                      args.log_format)
         return 0
     return run_attached(store(args), args.container_id, spec, args.console_socket)

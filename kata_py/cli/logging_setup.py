@@ -11,12 +11,7 @@ import logging
 import sys
 from datetime import datetime, timezone
 
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({"level": record.levelname.lower().replace("warning", "warn"),
-                           "msg": record.getMessage(),
-                           "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat()})
+from ..logformat import JsonFormatter
 
 
 class TextFormatter(logging.Formatter):

@@ -23,7 +23,7 @@ def cmd_run(args) -> int:
     check_create_flags(args)
     st = store(args)
     monitor = create(st, args.container_id, args.bundle, args.pid_file, args.console_socket, args.log,
-                     no_pivot=args.no_pivot)
+                     no_pivot=args.no_pivot, log_format=args.log_format)
     mark("cli_created")
     try:
         start(st, args.container_id)

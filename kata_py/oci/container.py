@@ -32,7 +32,8 @@ UNREACHABLE_EXIT_TIMEOUT = 3.0   # delete --force: the agent did not take the SI
 
 
 def _monitor_argv(root: str, container_id: str, status_fd: int, console_socket: str | None,
-                  log_file: str | None, process_json: str | None = None, go_fd: int = -1) -> list[str]:
+                  log_file: str | None, process_json: str | None = None, go_fd: int = -1,
+                  log_format: str = "text") -> list[str]:
     argv = [sys.executable, "-m", "kata_py.oci.monitor", "--root", root, "--id", container_id,
             "--status-fd", str(status_fd)]
     if go_fd >= 0:
@@ -40,7 +41,7 @@ def _monitor_argv(root: str, container_id: str, status_fd: int, console_socket: 
     if console_socket:
         argv += ["--console-socket", console_socket]
     if log_file:
-        argv += ["--log", log_file]
+        argv += ["--log", log_file, "--log-format", log_format]
     if process_json:
         argv += ["--exec-process-json", process_json]
     return argv
@@ -131,7 +132,7 @@ def _owner() -> str:
 
 def create(store: StateStore, container_id: str, bundle: str, pid_file: str | None = None,
            console_socket: str | None = None, log_file: str | None = None,
-           no_pivot: bool = False) -> subprocess.Popen:
+           no_pivot: bool = False, log_format: str = "text") -> subprocess.Popen:
     validate_id(container_id)
     bundle_dir, config, rootfs = load_bundle(bundle)
     process = config.get("process")
@@ -144,7 +145,7 @@ def create(store: StateStore, container_id: str, bundle: str, pid_file: str | No
     placement = _network_placement(config)
     try:
         return _create(store, container_id, bundle_dir, config, rootfs, placement, pid_file, console_socket,
-                       log_file, no_pivot)
+                       log_file, log_format, no_pivot)
     finally:
         if placement is not None:
             placement.close()
@@ -192,7 +193,7 @@ def _enter_network(placement):
 
 
 def _create(store: StateStore, container_id: str, bundle_dir, config: dict, rootfs, placement,
-            pid_file: str | None, console_socket: str | None, log_file: str | None,
+            pid_file: str | None, console_socket: str | None, log_file: str | None, log_format: str,
             no_pivot: bool) -> subprocess.Popen:
     process = config["process"]
     with store.lock(container_id, create=True):
@@ -219,7 +220,7 @@ def _create(store: StateStore, container_id: str, bundle_dir, config: dict, root
         try:
             proc, report = spawn_monitor(
                 lambda fd, go_fd: _monitor_argv(str(store.root), container_id, fd, console_socket, log_file,
-                                                go_fd=go_fd),
+                                                go_fd=go_fd, log_format=log_format),
                 preexec_fn=_enter_network(placement), prepare=prestart if has_hooks else None)
             state.pid = proc.pid
             state.pid_start_time = process_start_time(proc.pid)
@@ -478,14 +479,15 @@ def resume(store: StateStore, container_id: str) -> None:
 
 
 def exec_detached(store: StateStore, container_id: str, spec: dict, pid_file: str | None,
-                  console_socket: str | None, log_file: str | None) -> int:
+                  console_socket: str | None, log_file: str | None, log_format: str = "text") -> int:
     store.load(container_id).require("exec in", Status.can_exec)
     fd, process_json = tempfile.mkstemp(dir=store.dir(container_id), prefix="exec-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(spec, f)
     try:
         proc, _ = spawn_monitor(lambda wfd, _go: _monitor_argv(str(store.root), container_id, wfd, console_socket,
-                                                          log_file, process_json), timeout=60)
+                                                          log_file, process_json, log_format=log_format),
+                                timeout=60)
     finally:
         if os.path.exists(process_json):
             os.unlink(process_json)

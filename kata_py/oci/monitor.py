@@ -184,11 +184,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--status-fd", type=int, required=True)
     parser.add_argument("--console-socket")
     parser.add_argument("--log")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
     parser.add_argument("--exec-process-json", dest="process_json")
     parser.add_argument("--go-fd", type=int, default=-1,
                         help="wait for 'go' on this fd first (create runs the prestart hooks meanwhile)")
     args = parser.parse_args(argv)
-    if args.log:
+    if args.log and args.log_format == "json":
+        # The shim reads this file as JSON lines (its last error is the runtime's).
+        from ..logformat import JsonFormatter
+
+        handler = logging.FileHandler(args.log)
+        handler.setFormatter(JsonFormatter())
+        logging.basicConfig(handlers=[handler], level=logging.INFO)
+    elif args.log:
         logging.basicConfig(filename=args.log, level=logging.INFO,
                             format="%(asctime)s monitor %(levelname)s %(message)s")
     else:

@@ -184,6 +184,23 @@ def test_bad_input(tmp_path):
     assert_nothing_left(root)
 
 
+def test_json_log_holds_only_json_lines(tmp_path):
+    """containerd's runc shim reads the runtime's error from the last JSON line
+    of --log: the container's monitor writes to that file too, and in JSON."""
+    root, bundle = tmp_path / "root", make_bundle(tmp_path / "bundle", ["sh", "-c", "exit 0"])
+    log = tmp_path / "log.json"
+    result = detached(root, tmp_path / "io", "--log", log, "--log-format", "json", "create", "--bundle", bundle, "j1")
+    assert result.returncode == 0, result.stderr
+    assert cli(root, "--log", log, "--log-format", "json", "start", "j1").returncode == 0
+    wait_status(root, "j1", "stopped")
+    assert cli(root, "--log", log, "--log-format", "json", "delete", "j1").returncode == 0
+    lines = log.read_text().splitlines()
+    assert any("monitor_started" in line for line in lines), lines[:5]     # the monitor did write here
+    records = [json.loads(line) for line in lines]
+    assert all(set(record) == {"level", "msg", "time"} for record in records)
+    assert_nothing_left(root)
+
+
 def test_duplicate_id_and_force_delete(tmp_path):
     root, bundle = tmp_path / "root", make_bundle(tmp_path / "bundle", ["sleep", "1000"])
     other = make_bundle(tmp_path / "other", ["true"])
