@@ -125,6 +125,18 @@ async def run_container(args, report: StatusPipe, loaded, claimed=None) -> int:
     return status
 
 
+def _detach_stdio() -> None:
+    """With a terminal the container's stdio is the pty: this process keeps
+    none of its caller's. containerd's runc shim reads `create`'s (and `exec
+    --detach`'s) output through a pipe until end of file, so holding that pipe
+    for the container's life would hang the shim (`docker run -it`). runc's
+    init, too, holds only the pty."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
 def _wait_for_go(fd: int) -> None:
     """`create` says go once the prestart hooks ran; end of file means they
     failed (or create died): there is nothing to build."""
@@ -203,6 +215,8 @@ def main(argv: list[str] | None = None) -> None:
         # Never Python's last-resort stderr handler: this process's stderr is
         # the container's, and `create` reports the error itself.
         logging.basicConfig(handlers=[logging.NullHandler()])
+    if args.console_socket:
+        _detach_stdio()
     report = StatusPipe(args.status_fd)
     mark("monitor_started")
     try:
