@@ -6,15 +6,9 @@ The kernel test runs the plain documented command (Docker's default bridge
 network); the port test checks that network. The others pass `--network none`
 so that each checks one thing."""
 
-import fcntl
 import json
 import os
-import pty
-import select
-import struct
-import subprocess
 import sys
-import termios
 import time
 from pathlib import Path
 
@@ -23,6 +17,7 @@ import pytest
 from tests.conftest import LOGS
 from tests.docker_node import DAEMON_JSON, IMAGE, DockerNode
 from tests.engines import image_tar, leftover_processes
+from tests.terminal import drive_tty
 from tests.network_helpers import link_names
 
 pytestmark = pytest.mark.vm
@@ -152,46 +147,6 @@ def test_stop_kills_a_container_that_ignores_term(docker):
     assert leftover_processes() == []
 
 
-def _controlling_tty() -> None:
-    # In the child: the pty's slave (its stdin) becomes its controlling
-    # terminal, as in a shell, so docker sees a real terminal and its size.
-    os.setsid()
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-
-def drive_tty(argv: list[str], env: dict, script: list[tuple[bytes, bytes]], rows: int, cols: int,
-              timeout: float = 60) -> tuple[int, bytes]:
-    """Run argv on a pty of the given size; for each (send, expect), type
-    `send` and wait for `expect` in what the terminal shows."""
-    master, slave = pty.openpty()
-    fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, preexec_fn=_controlling_tty)
-    os.close(slave)
-    seen = b""
-    try:
-        for send, expect in script:
-            if send:
-                os.write(master, send)
-            deadline = time.monotonic() + timeout
-            while expect not in seen:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"waiting for {expect!r}; the terminal shows {seen[-400:]!r}")
-                if select.select([master], [], [], 0.5)[0]:
-                    try:
-                        chunk = os.read(master, 4096)
-                    except OSError:   # EIO: docker exited and closed the terminal
-                        chunk = b""
-                    if not chunk:
-                        raise TimeoutError(f"docker exited before {expect!r}: {seen[-400:]!r}")
-                    seen += chunk
-        return proc.wait(timeout), seen
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        os.close(master)
-
-
 def _stdio_of(pids) -> str:
     out = []
     for pid in pids:
@@ -218,7 +173,7 @@ SHELL_SESSION = [
 
 def drive_or_explain(docker, argv: list[str], container: str) -> tuple[int, bytes]:
     try:
-        return drive_tty(argv, docker.env, SHELL_SESSION, rows=33, cols=97)
+        return drive_tty(argv, SHELL_SESSION, env=docker.env, rows=33, cols=97)
     except TimeoutError as exc:
         # Say where it hung before the container is cleared away. No docker
         # command first: while the shim waits on kata-py's create (or exec),

@@ -1,13 +1,12 @@
 """podman (Debian's 4.3, with conmon) drives kata-py unchanged, as `--runtime`."""
 
 import os
-import pty
-import select
 import time
 
 import pytest
 
 from tests.engines import IMAGE, Podman, image_tar, kata_binary, leftover_processes
+from tests.terminal import drive_tty
 
 pytestmark = pytest.mark.vm
 
@@ -85,36 +84,11 @@ def test_kill(podman):
         podman("rm", "-f", name)
 
 
-def _drive_tty(podman, argv, script: list[tuple[bytes, bytes]], timeout: float = 120):
-    """Run podman on a pty; for each (send, expect) type `send`, wait for `expect`."""
-    master, slave = pty.openpty()
-    proc = podman.popen(*argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
-    os.close(slave)
-    seen = b""
-    try:
-        for send, expect in script:
-            if send:
-                os.write(master, send)
-            deadline = time.monotonic() + timeout
-            while expect not in seen:
-                assert time.monotonic() < deadline, f"waiting for {expect!r}, got {seen[-400:]!r}"
-                if select.select([master], [], [], 1)[0]:
-                    try:
-                        seen += os.read(master, 4096)
-                    except OSError:
-                        break
-        return proc.wait(timeout), seen
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        os.close(master)
-
-
 def test_run_interactive_tty(podman):
-    status, seen = _drive_tty(podman, ["run", "--rm", "-it", "--runtime", "kata-py", "--network", "none", IMAGE, "sh"],
-                              [(b"", b"#"), (b"tty\r", b"/dev/pts/"), (b"echo tty-$((6*7))\r", b"tty-42"),
-                               (b"exit 3\r", b"exit 3")])
+    status, seen = drive_tty(podman.base + ["run", "--rm", "-it", "--runtime", "kata-py", "--network", "none",
+                                            IMAGE, "sh"],
+                             [(b"", b"#"), (b"tty\r", b"/dev/pts/"), (b"echo tty-$((6*7))\r", b"tty-42"),
+                              (b"exit 3\r", b"exit 3")], env=podman.env, timeout=120)
     assert status == 3
 
 
@@ -123,8 +97,9 @@ def test_exec_interactive_tty(podman):
     assert podman("run", "-d", "--name", name, "--runtime", "kata-py", "--network", "none", IMAGE,
                   "sleep", "1000").returncode == 0
     try:
-        status, seen = _drive_tty(podman, ["exec", "-it", name, "sh"],
-                                  [(b"", b"#"), (b"echo in-exec-$((2+3))\r", b"in-exec-5"), (b"exit 2\r", b"exit 2")])
+        status, seen = drive_tty(podman.base + ["exec", "-it", name, "sh"],
+                                 [(b"", b"#"), (b"echo in-exec-$((2+3))\r", b"in-exec-5"), (b"exit 2\r", b"exit 2")],
+                                 env=podman.env, timeout=120)
         assert status == 2
     finally:
         podman("rm", "-f", "-t", "0", name)
