@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian 12 machine: install what is
-# missing, build the guest image if it is not cached, run pytest.
+# missing, check the import layers (lint-imports), build the guest image if
+# it is not cached, run pytest.
 # pytest's exit status 5 (no tests collected) is a failure here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash ci/setup.sh || exit 1
+# The layer contracts in pyproject.toml ([tool.importlinter]), from the repository root.
+.venv/bin/lint-imports --no-logo || exit 1
 .venv/bin/kata-py image build >/dev/null || exit 1
 .venv/bin/python -m pytest -q tests "$@"
 status=$?

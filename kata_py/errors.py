@@ -42,6 +42,10 @@ class VMLaunchError(KataError):
         return "\n".join(lines)
 
 
+class HostCgroupError(KataError):
+    """The host cgroup that bounds a VM's QEMU (memory, tasks) could not be made."""
+
+
 class AgentError(KataError):
     """The guest agent refused a request, or answered something invalid."""
 

@@ -15,47 +15,14 @@ from __future__ import annotations
 import os
 import stat
 
-from .syscalls import (MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC, MS_RELATIME,
-                       MS_REMOUNT, MS_SHARED, MS_SLAVE, MS_UNBINDABLE)
+from kata_py.protocol.oci_names import (FLAG_OPTIONS, MS_NOATIME, MS_NODIRATIME, MS_NOSYMFOLLOW, MS_STRICTATIME,
+                                        PROPAGATION_OPTIONS)
 
-MS_SYNCHRONOUS = 0x10
-MS_MANDLOCK = 0x40
-MS_DIRSYNC = 0x80
-MS_NOSYMFOLLOW = 0x100
-MS_NOATIME = 0x400
-MS_NODIRATIME = 0x800
-MS_SILENT = 0x8000
-MS_STRICTATIME = 1 << 24
-MS_LAZYTIME = 1 << 25
+from .syscalls import MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REC, MS_RELATIME, MS_REMOUNT
 
 ELOOP = 40
 MAX_SYMLINKS = 40
 
-# option -> (flags to clear, flags to set)
-FLAG_OPTIONS = {
-    "ro": (0, MS_RDONLY), "rw": (MS_RDONLY, 0),
-    "nosuid": (0, MS_NOSUID), "suid": (MS_NOSUID, 0),
-    "nodev": (0, MS_NODEV), "dev": (MS_NODEV, 0),
-    "noexec": (0, MS_NOEXEC), "exec": (MS_NOEXEC, 0),
-    "sync": (0, MS_SYNCHRONOUS), "async": (MS_SYNCHRONOUS, 0),
-    "dirsync": (0, MS_DIRSYNC),
-    "mand": (0, MS_MANDLOCK), "nomand": (MS_MANDLOCK, 0),
-    "atime": (MS_NOATIME, 0), "noatime": (0, MS_NOATIME),
-    "diratime": (MS_NODIRATIME, 0), "nodiratime": (0, MS_NODIRATIME),
-    "relatime": (0, MS_RELATIME), "norelatime": (MS_RELATIME, 0),
-    "strictatime": (0, MS_STRICTATIME), "nostrictatime": (MS_STRICTATIME, 0),
-    "lazytime": (0, MS_LAZYTIME), "nolazytime": (MS_LAZYTIME, 0),
-    "nosymfollow": (0, MS_NOSYMFOLLOW), "symfollow": (MS_NOSYMFOLLOW, 0),
-    "silent": (0, MS_SILENT), "loud": (MS_SILENT, 0),
-    "remount": (0, MS_REMOUNT),
-    "bind": (0, MS_BIND), "rbind": (0, MS_BIND | MS_REC),
-}
-PROPAGATION_OPTIONS = {
-    "private": MS_PRIVATE, "rprivate": MS_PRIVATE | MS_REC,
-    "shared": MS_SHARED, "rshared": MS_SHARED | MS_REC,
-    "slave": MS_SLAVE, "rslave": MS_SLAVE | MS_REC,
-    "unbindable": MS_UNBINDABLE, "runbindable": MS_UNBINDABLE | MS_REC,
-}
 # Options runtimes or engines add that are not for the kernel.
 IGNORED_OPTIONS = {"tmpcopyup", "notmpcopyup", "copy-symlink", "z", "Z", "U", "defaults", "newinstance-only"}
 # Flags a bind remount can change per mount point.

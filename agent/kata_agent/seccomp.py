@@ -20,6 +20,8 @@ from __future__ import annotations
 import ctypes
 import os
 
+from kata_py.protocol.oci_names import SECCOMP_ACTIONS, SECCOMP_ARCHITECTURES, SECCOMP_OPERATORS
+
 from .spawn import StepFailed
 
 EPERM = 1
@@ -28,31 +30,7 @@ SECCOMP_SET_MODE_FILTER = 1
 BPF_MAXINSNS = 4096  # the kernel refuses longer programs
 MAX_ARGS = 6
 
-# libseccomp's seccomp.h
-ACTIONS = {
-    "SCMP_ACT_KILL": 0x00000000,          # = KILL_THREAD
-    "SCMP_ACT_KILL_THREAD": 0x00000000,
-    "SCMP_ACT_KILL_PROCESS": 0x80000000,
-    "SCMP_ACT_TRAP": 0x00030000,
-    "SCMP_ACT_ERRNO": 0x00050000,         # | errno
-    "SCMP_ACT_TRACE": 0x7FF00000,         # | message for the tracer
-    "SCMP_ACT_LOG": 0x7FFC0000,
-    "SCMP_ACT_ALLOW": 0x7FFF0000,
-}
 ACTIONS_WITH_DATA = ("SCMP_ACT_ERRNO", "SCMP_ACT_TRACE")
-OPERATORS = {"SCMP_CMP_NE": 1, "SCMP_CMP_LT": 2, "SCMP_CMP_LE": 3, "SCMP_CMP_EQ": 4, "SCMP_CMP_GE": 5,
-             "SCMP_CMP_GT": 6, "SCMP_CMP_MASKED_EQ": 7}
-# OCI name -> libseccomp's name (seccomp_arch_resolve_name)
-ARCHITECTURES = {
-    "SCMP_ARCH_X86": "x86", "SCMP_ARCH_X86_64": "x86_64", "SCMP_ARCH_X32": "x32", "SCMP_ARCH_ARM": "arm",
-    "SCMP_ARCH_AARCH64": "aarch64", "SCMP_ARCH_MIPS": "mips", "SCMP_ARCH_MIPS64": "mips64",
-    "SCMP_ARCH_MIPS64N32": "mips64n32", "SCMP_ARCH_MIPSEL": "mipsel", "SCMP_ARCH_MIPSEL64": "mipsel64",
-    "SCMP_ARCH_MIPSEL64N32": "mipsel64n32", "SCMP_ARCH_PPC": "ppc", "SCMP_ARCH_PPC64": "ppc64",
-    "SCMP_ARCH_PPC64LE": "ppc64le", "SCMP_ARCH_S390": "s390", "SCMP_ARCH_S390X": "s390x",
-    "SCMP_ARCH_PARISC": "parisc", "SCMP_ARCH_PARISC64": "parisc64", "SCMP_ARCH_RISCV64": "riscv64",
-    "SCMP_ARCH_LOONGARCH64": "loongarch64", "SCMP_ARCH_M68K": "m68k", "SCMP_ARCH_SH": "sh",
-    "SCMP_ARCH_SHEB": "sheb",
-}
 # OCI flag -> (libseccomp attribute that checks this kernel supports it, seccomp(2) flag)
 SCMP_FLTATR_CTL_NNP = 3
 FLAGS = {
@@ -136,16 +114,16 @@ class Filter:
 def _action(name, errno_ret, where: str) -> int:
     if name == "SCMP_ACT_NOTIFY":
         raise ValueError(f"{where}: SCMP_ACT_NOTIFY needs a seccomp listener, which kata-py does not provide")
-    if not isinstance(name, str) or name not in ACTIONS:
-        raise ValueError(f"{where}: unknown action {name!r} (known: {', '.join(sorted(ACTIONS))})")
+    if not isinstance(name, str) or name not in SECCOMP_ACTIONS:
+        raise ValueError(f"{where}: unknown action {name!r} (known: {', '.join(sorted(SECCOMP_ACTIONS))})")
     if name in ACTIONS_WITH_DATA:
         data = EPERM if errno_ret is None else errno_ret
         if not isinstance(data, int) or isinstance(data, bool) or not 0 <= data <= 0xFFFF:
             raise ValueError(f"{where}: errnoRet must be an integer in 0..65535, got {errno_ret!r}")
-        return ACTIONS[name] | data
+        return SECCOMP_ACTIONS[name] | data
     if errno_ret is not None:
         raise ValueError(f"{where}: errnoRet is only for SCMP_ACT_ERRNO and SCMP_ACT_TRACE, not {name}")
-    return ACTIONS[name]
+    return SECCOMP_ACTIONS[name]
 
 
 def _conditions(args, where: str) -> list[list[_ArgCmp]]:
@@ -166,15 +144,15 @@ def _conditions(args, where: str) -> list[list[_ArgCmp]]:
         if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < MAX_ARGS:
             raise ValueError(f"{here}: index must be 0..{MAX_ARGS - 1}, got {index!r}")
         op = arg.get("op")
-        if op not in OPERATORS:
-            raise ValueError(f"{here}: unknown operator {op!r} (known: {', '.join(OPERATORS)})")
+        if op not in SECCOMP_OPERATORS:
+            raise ValueError(f"{here}: unknown operator {op!r} (known: {', '.join(SECCOMP_OPERATORS)})")
         values = []
         for key in ("value", "valueTwo"):
             value = arg.get(key, 0)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**64:
                 raise ValueError(f"{here}.{key}: expected an unsigned 64-bit integer, got {value!r}")
             values.append(value)
-        conditions.append(_ArgCmp(index, OPERATORS[op], values[0], values[1]))
+        conditions.append(_ArgCmp(index, SECCOMP_OPERATORS[op], values[0], values[1]))
     if not conditions:
         return [[]]
     if len({c.arg for c in conditions}) == len(conditions):
@@ -196,7 +174,7 @@ def build(profile: dict) -> Filter:
     try:
         _check(lib.seccomp_attr_set(ctx, SCMP_FLTATR_CTL_NNP, 0), "turning off libseccomp's no_new_privs")
         for arch in _list(profile, "architectures"):
-            name = ARCHITECTURES.get(arch) if isinstance(arch, str) else None
+            name = SECCOMP_ARCHITECTURES.get(arch) if isinstance(arch, str) else None
             if name is None:
                 raise ValueError(f"architectures: unknown architecture {arch!r}")
             token = lib.seccomp_arch_resolve_name(name.encode())

@@ -23,6 +23,7 @@ def cmd_factory(args) -> int:
     from ..config import load_factory_config
     from ..errors import ConfigError
     from ..factory import client
+    from ..sandbox import pool
 
     if args.action == "start":
         config = load_factory_config()
@@ -37,9 +38,9 @@ def cmd_factory(args) -> int:
         print(json.dumps(status))
         return 0
     if args.action == "status":
-        status = client.request({"op": "status"})
+        status = pool.request({"op": "status"})
         print(json.dumps(status if status is not None else {"running": False}))
         return 0
     if not client.stop():
-        raise client.FactoryError("the factory is not running")
+        raise pool.FactoryError("the factory is not running")
     return 0

@@ -2,42 +2,28 @@
 
 import json
 
+from ..protocol import oci_names
+
 
 def add_parser(sub) -> None:
     parser = sub.add_parser("features", help="show the enabled features")
     parser.set_defaults(func=cmd_features)
 
 
-def _agent_tables() -> dict:
-    """What the guest agent implements, from its own tables (the agent's
-    sources ship with kata-py: they go into the guest image)."""
-    import sys
-
-    from ..paths import REPO_ROOT
-
-    sys.path.insert(0, str(REPO_ROOT / "agent"))
-    try:
-        from kata_agent import credentials, mounts, seccomp
-    finally:
-        sys.path.pop(0)
-    return {"mount_options": sorted(mounts.FLAG_OPTIONS) + sorted(mounts.PROPAGATION_OPTIONS),
-            "capabilities": list(credentials.CAPABILITIES), "actions": sorted(seccomp.ACTIONS),
-            "operators": sorted(seccomp.OPERATORS), "archs": sorted(seccomp.ARCHITECTURES)}
-
-
 def features() -> dict:
-    agent = _agent_tables()
+    """What this runtime implements; the guest agent's part from the tables it applies."""
     return {
         "ociVersionMin": "1.0.0",
         "ociVersionMax": "1.0.2",
         "hooks": ["prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop"],
-        "mountOptions": agent["mount_options"],
+        "mountOptions": sorted(oci_names.FLAG_OPTIONS) + sorted(oci_names.PROPAGATION_OPTIONS),
         "linux": {
             "namespaces": ["cgroup", "ipc", "mount", "network", "pid", "user", "uts"],
-            "capabilities": agent["capabilities"],
+            "capabilities": list(oci_names.CAPABILITIES),
             "cgroup": {"v1": False, "v2": True, "systemd": False, "systemdUser": False},
-            "seccomp": {"enabled": True, "actions": agent["actions"], "operators": agent["operators"],
-                        "archs": agent["archs"]},
+            "seccomp": {"enabled": True, "actions": sorted(oci_names.SECCOMP_ACTIONS),
+                        "operators": sorted(oci_names.SECCOMP_OPERATORS),
+                        "archs": sorted(oci_names.SECCOMP_ARCHITECTURES)},
             "apparmor": {"enabled": False},
             "selinux": {"enabled": False},
         },

@@ -6,5 +6,7 @@ its 9p export empty, waiting for a rootfs — and hands it to exactly one
 container monitor, then ends it when that monitor lets go or dies. The
 *factory* daemon (daemon.py) keeps the pool filled and answers
 `kata-py factory status|stop`. A VM is never used twice: a claimed standby
-stops listening, and its VM is destroyed with the container.
+stops listening, and its VM is destroyed with the container. What a monitor
+uses to claim a pooled VM, and the line protocol both sides speak, are the
+sandbox layer's: kata_py.sandbox.pool and kata_py.sandbox.pool_wire.
 """

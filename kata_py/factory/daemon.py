@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..sandbox.pool_wire import WireError, decode, encode, read_message
 from ..vmm.host_cgroup import remove_host_cgroups
-from .wire import WireError, decode, encode, read_message
 
 log = logging.getLogger("kata_py.factory")
 READY_TIMEOUT = 180.0      # a standby's boot under TCG on a loaded machine

@@ -21,7 +21,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .wire import WireError, encode, read_message
+from ..sandbox.pool_wire import WireError, encode, read_message
 
 log = logging.getLogger("kata_py.factory.standby")
 PR_SET_PDEATHSIG = 1

@@ -46,7 +46,7 @@ class ContainerSetup:
 
 
 def harness_spec(rootfs: Path) -> dict:
-    from ..cli.spec import default_spec
+    from ..oci.spec import default_spec
 
     spec = default_spec()
     # A writable root: a write that fails then fails at the boundary, not at a read-only mount.

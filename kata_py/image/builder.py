@@ -33,6 +33,7 @@ from .. import paths
 from ..errors import ImageError
 from . import cpio, debs, kernel, kmod
 from .elf import ELFFile, ELFFormatError
+from .host_tools import require_tool
 from .progress import Reporter
 
 # Bumped when the builder changes what it produces in a way the hashed files
@@ -559,7 +560,7 @@ def write_cpio(entries: list[cpio.Entry], dest: Path, compression: str) -> int:
         os.replace(tmp, dest)
     elif compression == "lz4":
         # The kernel's initramfs unpacker takes only the lz4 *legacy* format.
-        _require_tool("lz4", "lz4")
+        require_tool("lz4", "lz4")
         proc = subprocess.run(["lz4", "-l", "-9", "-q", "-f", str(tmp), str(dest)],
                               capture_output=True, text=True)
         tmp.unlink()
@@ -568,16 +569,6 @@ def write_cpio(entries: list[cpio.Entry], dest: Path, compression: str) -> int:
     else:
         raise ImageError(f"unknown initramfs compression {compression!r}")
     return size
-
-
-def _require_tool(tool: str, package: str) -> None:
-    if shutil.which(tool):
-        return
-    proc = subprocess.run(["apt-get", "install", "-y", "-q", package],
-                          capture_output=True, text=True)
-    if proc.returncode != 0 or not shutil.which(tool):
-        raise ImageError(f"the {tool} tool is missing and apt-get install {package} failed: "
-                         + proc.stderr.strip()[-500:])
 
 
 def _write_initrd(root: Path, dest: Path, compression: str) -> int:

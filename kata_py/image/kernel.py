@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..errors import ImageError
 from .elf import ELFFile, ELFFormatError
+from .host_tools import require_tool
 
 LZ4_LEGACY = b"\x02\x21\x4c\x18"
 FORMATS = [
@@ -46,8 +47,7 @@ def payload(bzimage: bytes) -> tuple[str, bytes]:
 
 
 def _lz4_cli(blob: bytes) -> bytes:
-    from .builder import _require_tool
-    _require_tool("lz4", "lz4")
+    require_tool("lz4", "lz4")
     # The kernel's lz4 stream may be followed by padding the CLI warns about;
     # what counts is that the output is the ELF checked below.
     proc = subprocess.run(["lz4", "-dc"], input=blob, capture_output=True)

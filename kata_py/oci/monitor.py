@@ -76,7 +76,7 @@ async def run_container(args, report: StatusPipe, loaded, claimed=None) -> int:
         cid = agent_container_id(args.id)
         create_args = create_container_args(cid, config, str(bundle), share, no_pivot=state.no_pivot)
         if claimed is not None:
-            from ..factory.pooled import PooledSandbox
+            from ..sandbox.pool import PooledSandbox
             sandbox = PooledSandbox(claimed)
             await sandbox.start()
         else:
@@ -154,11 +154,27 @@ def _load(args):
     return state, load_bundle(state.bundle, validate=False)
 
 
+def _pool_size(config: dict) -> tuple[int, int] | None:
+    """(memory MiB, vCPUs) to claim for this container, or None when it must
+    boot its own VM: a pooled VM has no NIC (microvm cannot hot-plug one)."""
+    from ..network.guard import network_entry
+    from .process_spec import vm_size
+
+    present, path = network_entry(config)
+    if path is not None:
+        return None
+    hooks = config.get("hooks") or {}
+    if present and (hooks.get("prestart") or hooks.get("createRuntime")):
+        return None     # a hook may put interfaces into the new namespace (Docker's does)
+    return vm_size(config)
+
+
 def _claim_pooled_vm(config: dict):
     """A VM from the factory's pool when one runs and fits, else None (boot one)."""
-    from ..factory.pooled import claim_for
+    from ..sandbox.pool import claim
 
-    claimed = claim_for(config)
+    size = _pool_size(config)
+    claimed = claim(*size) if size else None
     if claimed is not None:
         log.info("using pooled VM of standby %d", claimed.pid)
         mark("vm_claimed")

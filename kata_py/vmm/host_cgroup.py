@@ -4,8 +4,9 @@ QEMU runs the untrusted guest; bounding its memory and its task count on the
 host means that a guest driving QEMU to grow (or a QEMU bug it triggers)
 hits a wall in its own cgroup instead of the host's OOM killer. cgroup v2
 (unified) and v1 (one hierarchy per controller, as on Debian hosts booted
-with hybrid cgroups) are both handled. Where cgroups cannot be written (a
-host that delegates none to us), QEMU runs without one and a warning says so.
+with hybrid cgroups) are both handled. Where they cannot be made (no memory
+or pids hierarchy, a host that delegates none to us), the VM does not start:
+HostCgroupError says why. QEMU never runs unbounded.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import os
 import time
 from pathlib import Path
 
+from ..errors import HostCgroupError
+
 log = logging.getLogger(__name__)
 
 ROOT = Path("/sys/fs/cgroup")
@@ -23,6 +26,7 @@ PARENT = "kata-py"
 # by default) and its buffers; KVM needs far less.
 OVERHEAD_MIB = {"tcg": 1024, "kvm": 256}
 PIDS_MAX = 512      # QEMU's vCPU, I/O and RCU threads, with room
+V1_CONTROLLERS = ("memory", "pids")  # the hierarchies a v1 (hybrid) host must have
 
 
 def _directories(name: str) -> list[tuple[Path, dict[str, str]]]:
@@ -44,17 +48,29 @@ class HostCgroup:
         self.paths: list[Path] = []
 
     def create(self) -> None:
+        """Make the cgroups with their limits, or raise HostCgroupError and
+        leave none behind."""
         sweep_stale()
+        unified = (ROOT / "cgroup.controllers").exists()
+        if not unified:
+            missing = [c for c in V1_CONTROLLERS if not (ROOT / c / "cgroup.procs").exists()]
+            if missing:
+                raise HostCgroupError(f"QEMU's host cgroup cannot be made: no {' or '.join(missing)} cgroup "
+                                      f"hierarchy under {ROOT}; kata-py starts no VM without its limits")
         for path, limits in _directories(self.name):
+            where = path
             try:
-                if (ROOT / "cgroup.controllers").exists():
+                if unified:
                     _enable_v2_controllers(path.parent)
                 path.mkdir(parents=True, exist_ok=True)
                 self.paths.append(path)
                 for file, value in limits.items():
-                    (path / file).write_text(value.format(memory=self.memory))
-            except OSError as exc:
-                log.warning("QEMU runs without a host cgroup limit at %s: %s", path, exc.strerror)
+                    where = path / file
+                    where.write_text(value.format(memory=self.memory))
+            except OSError as err:
+                self.remove()
+                raise HostCgroupError(f"QEMU's host cgroup cannot be made: {where}: {err.strerror or err}; "
+                                      "kata-py starts no VM without its limits") from err
 
     def join(self) -> None:
         """In the forked child, before exec: move itself into the cgroups."""

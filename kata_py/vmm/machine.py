@@ -101,9 +101,9 @@ class QemuMachine:
     async def launch(self) -> None:
         assert self.state is VMState.NEW, self.state
         self.state = VMState.LAUNCHING
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.cgroup = HostCgroup(self.run_dir.name, self.config.memory_mib, self.config.accel)
-        self.cgroup.create()
+        self.cgroup.create()  # HostCgroupError: QEMU never runs without its limits
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
 
         def preexec() -> None:
             _die_with_parent()

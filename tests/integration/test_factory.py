@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from kata_py.factory import client
-from kata_py.factory.wire import decode, encode, recv_line
+from kata_py.sandbox import pool
+from kata_py.sandbox.pool_wire import decode, encode, recv_line
 from tests.bundles import make_bundle
 from tests.conftest import RUN_DIR, qemu_processes_under
 from tests.oci_helpers import assert_nothing_left, cli, reap, subreaper  # noqa: F401
@@ -29,7 +30,7 @@ MARK = "echo 13 > /proc/sys/vm/swappiness; cat /proc/sys/kernel/random/boot_id; 
 
 
 def factory_status() -> dict:
-    status = client.request({"op": "status"})
+    status = pool.request({"op": "status"})
     assert status is not None, "the factory is not running"
     return status
 
@@ -57,7 +58,7 @@ def factory():
     while pool_vms() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert pool_vms() == []
-    shutil.rmtree(client.factory_dir())  # its logs; nothing is mounted there any more
+    shutil.rmtree(pool.factory_dir())  # its logs; nothing is mounted there any more
 
 
 def run_marked(tmp_path: Path, name: str) -> tuple[list[str], str]:
@@ -119,7 +120,7 @@ def test_concurrent_containers_get_different_vms(factory, tmp_path):
 
 def test_a_standby_serves_one_claim_only(factory):
     wait_pool_full()
-    reply = client.request({"op": "claim", "memory_mib": 128, "cpus": 1})
+    reply = pool.request({"op": "claim", "memory_mib": 128, "cpus": 1})
     assert reply["ok"], reply
     first = socket.socket(socket.AF_UNIX)
     first.connect(reply["socket"])
@@ -132,7 +133,7 @@ def test_a_standby_serves_one_claim_only(factory):
         second.connect(reply["socket"])
     second.close()
     # Too big for the pool: refused, the pool untouched.
-    assert not client.request({"op": "claim", "memory_mib": 4096, "cpus": 1})["ok"]
+    assert not pool.request({"op": "claim", "memory_mib": 4096, "cpus": 1})["ok"]
     # Letting go ends that VM and its standby.
     vm_count = len(pool_vms())
     first.close()

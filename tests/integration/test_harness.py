@@ -108,7 +108,7 @@ PRIVILEGED_PROBES = ["fs-hardlink-host", "net-host-loopback", "host-pids", "ptra
 
 
 def privileged_bundle(directory: Path) -> Path:
-    from agent.kata_agent.credentials import CAPABILITIES
+    from kata_py.protocol.oci_names import CAPABILITIES
 
     bounding = int(next(line for line in Path("/proc/self/status").read_text().splitlines()
                         if line.startswith("CapBnd:")).split()[1], 16)

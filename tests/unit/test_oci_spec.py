@@ -7,11 +7,10 @@ from pathlib import Path
 import pytest
 
 from kata_py.cli.main import build_parser
-from kata_py.cli.spec import default_spec
 from kata_py.errors import ConfigError
 from kata_py.oci.process_spec import (GUEST_OVERHEAD_MIB, MAX_MEMORY_MIB, MIN_MEMORY_MIB, agent_container_id,
                                       parse_user, process_args, vm_size)
-from kata_py.oci.spec import load_bundle, validate_config
+from kata_py.oci.spec import default_spec, load_bundle, validate_config
 
 pytestmark = pytest.mark.skipif(
     not Path("/usr/share/gocode/src/github.com/opencontainers/runtime-spec/schema/config-schema.json").exists()

@@ -1,4 +1,5 @@
-"""One JSON object per line on the factory's Unix sockets, bounded."""
+"""One JSON object per line on the Unix sockets of the VM pool (the factory
+and its standbys), bounded: what the pool client and the factory both speak."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ def decode(line: bytes) -> dict:
         raise WireError("a message line is too long or cut short")
     try:
         message = json.loads(line)
-    except ValueError:
-        raise WireError("a message is not JSON") from None
+    except ValueError as err:
+        raise WireError("a message is not JSON") from err
     if not isinstance(message, dict):
         raise WireError("a message is not a JSON object")
     return message
