@@ -8,6 +8,7 @@ follow runc's for cgroup v2 (shares -> weight, swap as memory+swap total).
 from __future__ import annotations
 
 import os
+import select
 import time
 
 ROOT = "/sys/fs/cgroup"
@@ -123,6 +124,36 @@ class Cgroup:
                        "anon": memory_stat.get("anon", 0), "file": memory_stat.get("file", 0)},
             "pids": {"current": self._number("pids.current") or 0, "limit": self._number("pids.max")},
         }
+
+    def wait_count(self, name: str, key: str, above: int, alive, interval: float = 1.0) -> int | None:
+        """Block until counter `key` of keyed file `name` (memory.events) is
+        above `above`; return it, or None once `alive()` turns false or the
+        file is gone. A change to memory.events is a kernfs notification,
+        which poll() reports as POLLPRI: nothing is read on a timer except
+        the liveness check, once per `interval`."""
+        try:
+            fd = os.open(f"{self.path}/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            poller = select.poll()
+            poller.register(fd, select.POLLPRI | select.POLLERR)
+            while True:
+                os.lseek(fd, 0, os.SEEK_SET)
+                count = 0
+                for line in os.read(fd, 4096).decode(errors="replace").splitlines():
+                    field, _, value = line.partition(" ")
+                    if field == key and value.strip().isdigit():
+                        count = int(value)
+                if count > above:
+                    return count
+                if not alive():
+                    return None
+                poller.poll(int(interval * 1000))
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
 
     def remove(self) -> None:
         try:

@@ -17,8 +17,10 @@ process's own pid namespace never changes: only its children's can).
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
+import time
 
 from . import mounts as mountlib
 from .cgroups import Cgroup, CgroupError
@@ -60,6 +62,7 @@ class Container:
         self.sysctl = [(item["key"], item["value"]) for item in spec.get("sysctl", [])]
         self.no_pivot = bool(spec.get("no_pivot"))
         self.init_pid: int | None = None
+        self.mount_tag: str | None = None      # the 9p tag its share came from
         self.cgroup = Cgroup(container_id)
         self.seccomp = None
 
@@ -138,13 +141,21 @@ class Containers:
             if container_id in self.by_id:
                 raise ProcessError("exists", f"container {container_id!r} already exists")
             os.makedirs(share, exist_ok=True)
+            holder = self._share_holder(mount_tag)
             try:
-                # Read-write even for a read-only root: mount points may have to be
-                # made first; the container's view is remounted read-only after.
-                self.sys.mount(mount_tag, share, "9p", 0, NINEP_OPTIONS)
+                if holder is not None:
+                    # A virtio-9p channel takes one mount at a time: a second
+                    # container on the same tag (one export per sandbox, an
+                    # entry per container) binds the mount the first one made.
+                    self.sys.mount(holder, share, "", MS_BIND)
+                else:
+                    # Read-write even for a read-only root: mount points may have to be
+                    # made first; the container's view is remounted read-only after.
+                    self._mount_9p(mount_tag, share)
             except OSError as exc:
                 raise ProcessError("failed", f"cannot mount the share {mount_tag!r}: {exc.strerror}") from None
             container = Container(container_id, share, spec)
+            container.mount_tag = mount_tag
             if not os.path.isdir(container.rootfs):
                 self._undo(container)
                 raise ProcessError("invalid", f"the rootfs {spec.get('rootfs_path')!r} is not in the share")
@@ -157,6 +168,29 @@ class Containers:
                 raise ProcessError("invalid", f"container resources: {exc.strerror}") from None
             self.by_id[container_id] = container
         return container
+
+    BUSY_TIMEOUT = 2.0
+
+    def _mount_9p(self, mount_tag: str, share: str) -> None:
+        """A container deleted a moment ago may still hold the channel (its
+        lazily detached mount goes once its last file is closed): EBUSY for
+        a short while is worth a retry."""
+        deadline = time.monotonic() + self.BUSY_TIMEOUT
+        while True:
+            try:
+                self.sys.mount(mount_tag, share, "9p", 0, NINEP_OPTIONS)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    def _share_holder(self, mount_tag: str) -> str | None:
+        """Where a live container has `mount_tag` mounted (call with the lock held)."""
+        for container in self.by_id.values():
+            if container.mount_tag == mount_tag:
+                return container.share
+        return None
 
     DELETE_TIMEOUT = 5.0
 

@@ -6,13 +6,14 @@ by the time a handler runs.
 
 from __future__ import annotations
 
+import binascii
 import os
 import socket
 import time
 
 from kata_py.protocol import PROTOCOL_VERSION
 
-from . import AGENT_VERSION, credentials, seccomp
+from . import AGENT_VERSION, credentials, files, seccomp
 from .container import Containers
 from .network import Network
 from .processes import ProcessError, ProcessTable
@@ -127,6 +128,63 @@ class Handlers:
         containers = self._containers()
         containers.signal_all(containers.get(args["container_id"]), args["signal"])
         return {}
+
+    # -- a container's files and events -------------------------------------------
+    def _container_root(self, container_id: str):
+        """(container, an O_PATH fd of its init's root) while its init lives."""
+        container = self._containers().get(container_id)
+        pid = container.init_pid
+        with self.table.lock:
+            alive = pid is not None and pid in self.table.by_pid
+        if not alive:
+            raise ProcessError("state", f"container {container_id!r} has no running init process")
+        return container, files.open_root(pid)
+
+    def _owner(self, container) -> tuple[int, int] | None:
+        """Files the agent makes for a container with a user namespace belong
+        to the container's root, not the guest's."""
+        if not container.user_namespace:
+            return None
+        return container.guest_id(0), container.guest_id(0, group=True)
+
+    def rpc_read_file(self, args: dict) -> dict:
+        _, root = self._container_root(args["container_id"])
+        try:
+            data, size, eof = files.read_chunk(self.containers.sys, root, args["path"], args.get("offset", 0),
+                                               args["length"])
+        finally:
+            os.close(root)
+        return {"data": binascii.b2a_base64(data, newline=False).decode("ascii"), "size": size, "eof": eof}
+
+    def rpc_write_file(self, args: dict) -> dict:
+        try:
+            data = binascii.a2b_base64(args["data"])
+        except (binascii.Error, ValueError) as exc:
+            raise ProcessError("invalid", f"data is not base64: {exc}") from None
+        container, root = self._container_root(args["container_id"])
+        try:
+            files.write_chunk(self.containers.sys, root, args["path"], data, offset=args.get("offset", 0),
+                              truncate=bool(args.get("truncate")), mode=args.get("mode", 0o644),
+                              parents=bool(args.get("parents")), owner=self._owner(container))
+        finally:
+            os.close(root)
+        return {}
+
+    def rpc_watch_oom(self, args: dict) -> dict:
+        """Block until the container's cgroup counts more OOM kills than `seen`
+        (its memory.events changes), or until the container is deleted (or
+        its cgroup has no memory.events): then `ended`."""
+        containers = self._containers()
+        container = containers.get(args["container_id"])
+
+        def alive() -> bool:
+            with containers.lock:
+                return containers.by_id.get(container.id) is container
+
+        count = container.cgroup.wait_count("memory.events", "oom_kill", args.get("seen", 0), alive)
+        if count is None:
+            return {"oom_kill": args.get("seen", 0), "ended": True}
+        return {"oom_kill": count, "ended": False}
 
     def rpc_prepare_process(self, args: dict) -> dict:
         return {"pid": self._launch(args["process_id"], self.table.prepare)}

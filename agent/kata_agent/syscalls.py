@@ -28,6 +28,9 @@ MS_SLAVE = 1 << 19
 MS_SHARED = 1 << 20
 MNT_DETACH = 2
 SYS_PIVOT_ROOT = 155  # x86_64
+SYS_OPENAT2 = 437     # x86_64 (and every architecture since 5.6)
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_IN_ROOT = 0x10
 MS_RELATIME = 1 << 21
 
 CLONE_NEWNS = 0x00020000
@@ -36,6 +39,10 @@ CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
 class Syscalls:
@@ -75,6 +82,16 @@ class Syscalls:
 
     def pivot_root(self, new_root: str, put_old: str) -> None:
         self._check(self._libc.syscall(SYS_PIVOT_ROOT, new_root.encode(), put_old.encode()), "pivot_root")
+
+    def openat2(self, dir_fd: int, path: str, flags: int, mode: int = 0, resolve: int = 0) -> int:
+        """openat2(2): open `path` relative to `dir_fd` with RESOLVE_* rules."""
+        how = _OpenHow(flags, mode, resolve)
+        ret = self._libc.syscall(SYS_OPENAT2, ctypes.c_int(dir_fd), os.fsencode(path), ctypes.byref(how),
+                                 ctypes.c_size_t(ctypes.sizeof(how)))
+        if ret < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), path)
+        return ret
 
     def load_module(self, path: str) -> bool:
         """finit_module(2); returns False when the module was already loaded."""

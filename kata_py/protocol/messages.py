@@ -157,6 +157,11 @@ SECCOMP = _obj({
     }, required=["names", "action"])},
 }, required=["defaultAction"])
 
+# A container's files, read and written by the agent as the container sees
+# them (agent/kata_agent/files.py), base64 in chunks a frame can carry.
+MAX_FILE_CHUNK = 512 * 1024
+_base64 = {"type": "string", "maxLength": 4 * ((MAX_FILE_CHUNK + 2) // 3), "pattern": "^[A-Za-z0-9+/]*={0,2}\\Z"}
+
 # type -> (args schema, result schema)
 REQUESTS: dict[str, tuple[dict, dict]] = {
     "ping": (_empty, _obj({
@@ -244,6 +249,17 @@ REQUESTS: dict[str, tuple[dict, dict]] = {
     "configure_network": (CONFIGURE_NETWORK, _obj({"interfaces": {"type": "array", "maxItems": MAX_NICS, "items": _obj({
         "name": _ifname, "mac": _mac, "index": {"type": "integer", "minimum": 1, "maximum": 2**31 - 1}},
         required=["name", "mac", "index"])}}, required=["interfaces"])),
+    "read_file": (_obj({"container_id": _process_id, "path": _guest_path, "offset": _uint64,
+                        "length": {"type": "integer", "minimum": 0, "maximum": MAX_FILE_CHUNK}},
+                       required=["container_id", "path", "length"]),
+                  _obj({"data": _base64, "size": _uint64, "eof": {"type": "boolean"}}, required=["data", "size", "eof"])),
+    "write_file": (_obj({"container_id": _process_id, "path": _guest_path, "data": _base64, "offset": _uint64,
+                         "truncate": {"type": "boolean"}, "mode": {"type": "integer", "minimum": 0, "maximum": 0o7777},
+                         "parents": {"type": "boolean"}}, required=["container_id", "path", "data"]), _empty),
+    # Blocks until the container's cgroup has OOM-killed more than `seen`
+    # times (a push: the agent waits on memory.events), or the container is gone.
+    "watch_oom": (_obj({"container_id": _process_id, "seen": _uint64}, required=["container_id"]),
+                  _obj({"oom_kill": _uint64, "ended": {"type": "boolean"}}, required=["oom_kill", "ended"])),
     "shutdown": (_empty, _empty),
 }
 

@@ -1,0 +1,528 @@
+"""The sandbox owner: one process that owns one VM for the sandbox's life.
+
+    python -m kata_py.sandbox.owner --id ID [--memory-mib N] [--cpus N] [--control-fd FD]
+
+It boots the VM (kata_py.sandbox.sandbox.Sandbox), holds any number of
+containers in it (containers.py), and serves requests from other processes
+on a Unix socket, `<run_dir()>/sb-<ID>/owner.sock` (0600), in the agent
+protocol's frames with schemas of its own (owner_protocol.py). Handlers
+validate what the schema cannot and delegate to do_* methods. Container
+exits and OOM kills are pushed to subscribed connections as they happen.
+Its record, `sandbox.json` beside the socket, names the VM, the owner's and
+QEMU's pids with their start times, and the containers (record.py).
+
+It runs in a mount namespace of its own, entered before any thread exists:
+the binds of the containers' rootfs into the VM's 9p export live there and
+die with it (and with QEMU, which shares it), however the owner ends.
+
+**Lifetime.** The sandbox ends, and the owner removes everything of it (the
+VM, its vsock back end, its host cgroups, the export and its binds, the run
+directories) and exits, when:
+- a `shutdown` request comes (on any connection; the reply comes once all
+  is gone);
+- its control connection closes: the one it was started with (`--control-fd`,
+  one end of a socketpair whose other end the client that spawned it holds).
+  A client that exits or dies without closing the sandbox closes it by
+  dying: the kernel closes its end. Other connections (the Unix socket)
+  come and go without effect;
+- its VM dies (QEMU killed or crashed, the agent's connection lost): every
+  connection first gets a `gone` event with the reason;
+- SIGTERM. (SIGINT and SIGHUP are ignored: it runs in its own session, and a
+  terminal's ^C is for the client.)
+A SIGKILLed owner cannot clean up: QEMU dies with it (PR_SET_PDEATHSIG), the
+vsock back end with QEMU, the binds with the mount namespace, and the record
+lets the client remove the rest (record.clean_up_after).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import binascii
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from .. import paths
+from ..errors import KataError
+from ..protocol.framing import FrameError, encode_frame, read_frame
+from ..protocol.schema import SchemaError
+from . import record as records
+from .containers import Containers, OwnerError
+from .export import TAG, Export, enter_private_mount_namespace
+from .owner_protocol import DEFAULT_OUTPUT, MAX_FILE, MAX_FRAME, PROTOCOL_VERSION, check_request, error_reply
+
+log = logging.getLogger("kata_py.owner")
+
+MAX_CONNECTIONS = 64
+MAX_IN_FLIGHT = 256             # requests of one connection being handled at once
+MAX_WRITE_BUFFER = 64 << 20     # a connection that does not read its replies and events is dropped
+CLOSE_TIMEOUT = 5.0
+
+
+def describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"killed by {name}"
+    return f"exit status {returncode}"
+
+
+class Connection:
+    def __init__(self, owner: "Owner", reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 control: bool) -> None:
+        self.owner = owner
+        self.reader = reader
+        self.writer = writer
+        self.control = control
+        self.subscribed = False
+        self.tasks: set[asyncio.Task] = set()
+        self.closed = False
+
+    def send(self, message: dict) -> None:
+        """Queue one frame (FrameError if it cannot be one: too large)."""
+        frame = encode_frame(message, MAX_FRAME)
+        if self.closed or self.writer.is_closing():
+            return
+        try:
+            self.writer.write(frame)
+        except (OSError, RuntimeError) as exc:
+            log.warning("dropping a message: %s", exc)
+            return
+        transport = self.writer.transport
+        if transport is not None and transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
+            log.warning("a client does not read what it is sent: closing its connection")
+            self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.writer.close()
+
+    async def serve(self) -> None:
+        try:
+            while True:
+                message = await read_frame(self.reader, MAX_FRAME)
+                try:
+                    request_id, request_type, args = check_request(message)
+                except SchemaError as exc:
+                    request_id = message.get("id") if isinstance(message.get("id"), int) else 0
+                    self.send(error_reply(request_id, "invalid", str(exc)))
+                    continue
+                if len(self.tasks) >= MAX_IN_FLIGHT:
+                    self.send(error_reply(request_id, "state", "too many requests in flight"))
+                    continue
+                task = asyncio.ensure_future(self.owner.handle(self, request_id, request_type, args))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+        except (EOFError, OSError) as exc:
+            log.debug("connection closed: %s", exc)
+        except FrameError as exc:
+            log.warning("a client broke framing: %s", exc)
+        finally:
+            self.closed = True
+            self.writer.close()
+
+
+class Owner:
+    def __init__(self, sandbox_id: str, memory_mib: int, cpus: int, control_fd: int | None = None) -> None:
+        self.id = sandbox_id
+        self.memory_mib = memory_mib
+        self.cpus = cpus
+        self.control_fd = control_fd
+        self.dir = records.sandbox_dir(sandbox_id)
+        self.socket_path = self.dir / records.SOCKET
+        self.export: Export | None = None
+        self.sandbox = None
+        self.containers: Containers | None = None
+        self.connections: set[Connection] = set()
+        self.server: asyncio.base_events.Server | None = None
+        self.booted: asyncio.Future | None = None
+        self.ending: asyncio.Event | None = None
+        self.ended: asyncio.Event | None = None
+        self.reason = ""
+        self.failed = False
+        self.status = "booting"
+        self.boot_seconds: float | None = None
+        self.created = time.time()
+
+    # -- the record ---------------------------------------------------------------
+    def record(self) -> dict:
+        sandbox = self.sandbox
+        machine = sandbox.machine if sandbox is not None else None
+        transport = sandbox.transport if sandbox is not None else None
+        qemu_pid = machine.pid if machine is not None else None
+        backend = getattr(transport, "proc", None)
+        vsock = None
+        if transport is not None:
+            vsock = {"uds": str(transport.uds_path)} if hasattr(transport, "uds_path") else \
+                {"cid": transport.guest_cid}
+        return {
+            "id": self.id, "protocol": PROTOCOL_VERSION, "status": self.status,
+            "run_dir": str(self.dir), "socket": str(self.socket_path), "share_dir": str(self.dir / records.SHARE),
+            "vm_run_dir": str(records.vm_dir(self.id)),
+            "owner_pid": os.getpid(), "owner_start": records.start_time(os.getpid()) or 0,
+            "qemu_pid": qemu_pid, "qemu_start": records.start_time(qemu_pid) if qemu_pid else None,
+            "backend_pid": backend.pid if backend is not None else None,
+            "backend_start": records.start_time(backend.pid) if backend is not None else None,
+            "vsock": vsock, "memory_mib": self.memory_mib, "cpus": self.cpus,
+            "boot_seconds": self.boot_seconds, "created": self.created,
+            "containers": self.containers.infos() if self.containers is not None else [],
+        }
+
+    def save(self) -> None:
+        if self.status == "stopped":
+            return
+        try:
+            records.write(self.record())
+        except OSError as exc:
+            log.warning("writing the sandbox record: %s", exc)
+
+    # -- events -------------------------------------------------------------------
+    def publish(self, event: dict) -> None:
+        log.debug("event %s", event)
+        for connection in list(self.connections):
+            if connection.subscribed or event["event"] == "gone":
+                try:
+                    connection.send(event)
+                except FrameError as exc:
+                    log.error("event not sent: %s", exc)
+
+    # -- life -----------------------------------------------------------------------
+    async def main(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.booted = loop.create_future()
+        self.ending = asyncio.Event()
+        self.ended = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(signum, lambda: None)
+        loop.add_signal_handler(signal.SIGTERM, lambda: self.end("the owner received SIGTERM", failed=True))
+        # A boot error nobody asked for is not an "exception never retrieved".
+        self.booted.add_done_callback(lambda f: f.cancelled() or f.exception())
+        boot = None
+        try:
+            self.export = Export(self.dir / records.SHARE)
+            self.save()
+            await self._listen()
+            boot = asyncio.ensure_future(self._boot())
+            await self.ending.wait()
+        except BaseException as exc:
+            log.exception("the owner failed")
+            self.end(f"the owner failed: {exc!r}", failed=True)
+        finally:
+            if boot is not None and not boot.done():
+                boot.cancel()
+            if boot is not None:
+                await asyncio.gather(boot, return_exceptions=True)
+            await self._teardown()
+        return 1 if self.failed else 0
+
+    async def _listen(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            sock.bind(str(self.socket_path))
+        finally:
+            os.umask(old)
+        os.chmod(self.socket_path, 0o600)
+        sock.listen(16)
+        self.server = await asyncio.start_unix_server(self._accept, sock=sock, limit=1 << 16)
+        if self.control_fd is not None:
+            control = socket.socket(fileno=self.control_fd)
+            reader, writer = await asyncio.open_unix_connection(sock=control, limit=1 << 16)
+            connection = Connection(self, reader, writer, control=True)
+            self.connections.add(connection)
+
+            async def serve_control() -> None:
+                await connection.serve()
+                self.connections.discard(connection)
+                self.end("its client closed the control connection")
+
+            asyncio.ensure_future(serve_control())
+
+    async def _accept(self, reader, writer) -> None:
+        if len(self.connections) >= MAX_CONNECTIONS or self.ending.is_set():
+            writer.close()
+            return
+        connection = Connection(self, reader, writer, control=False)
+        self.connections.add(connection)
+        try:
+            await connection.serve()
+        finally:
+            self.connections.discard(connection)
+
+    async def _boot(self) -> None:
+        from ..image import ensure_image
+        from .sandbox import Sandbox, Share
+
+        started = time.monotonic()
+        try:
+            self.sandbox = Sandbox(ensure_image(progress=False), memory_mib=self.memory_mib, cpus=self.cpus,
+                                   run_dir=records.vm_dir(self.id), shares=[Share(TAG, self.export.path)],
+                                   name=f"kata-py-sb-{self.id}")
+            await self.sandbox.start()
+        except asyncio.CancelledError:
+            self.booted.cancel()
+            raise
+        except BaseException as exc:
+            log.error("boot failed: %s", exc)
+            self.booted.set_exception(OwnerError("failed", f"the sandbox's VM did not boot: {exc}"))
+            self.end(f"the sandbox's VM did not boot: {exc}", failed=True)
+            return
+        self.boot_seconds = round(time.monotonic() - started, 3)
+        self.containers = Containers(self.sandbox, self.export, self.publish, self._agent_lost, self.save)
+        self.status = "running"
+        self.save()
+        self.booted.set_result(None)
+        log.info("sandbox %s up in %.2f s", self.id, self.boot_seconds)
+        asyncio.ensure_future(self._watch_vm())
+
+    async def _watch_vm(self) -> None:
+        code = await self.sandbox.machine.process.wait()
+        if not self.ending.is_set():
+            self.end(f"the sandbox's VM exited unexpectedly (QEMU {describe_exit(code)})", failed=True)
+
+    def _agent_lost(self, reason: str) -> None:
+        if not self.ending.is_set():
+            self.end(reason, failed=True)
+
+    def end(self, reason: str, failed: bool = False) -> None:
+        """Begin ending the sandbox (once; the first reason stands)."""
+        if self.ending.is_set():
+            return
+        log.info("ending: %s", reason)
+        self.reason = reason
+        self.failed = failed
+        self.ending.set()
+
+    async def _teardown(self) -> None:
+        self.status = "stopping"
+        self.save()
+        if self.containers is not None:
+            self.containers.closing = True
+        if self.server is not None:
+            self.server.close()
+        if self.sandbox is not None:
+            try:
+                await self.sandbox.stop()       # agent shutdown, QEMU's ladder, back end, VM run dir
+            except Exception as exc:
+                log.error("stopping the VM: %s", exc)
+        if self.export is not None:
+            self.export.close()                 # the binds (ours to undo here), then the directory
+        self.status = "stopped"
+        for path in (self.dir / records.RECORD, self.socket_path):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+        self.publish({"event": "gone", "reason": self.reason, "time": time.time()})
+        self.ended.set()                        # shutdown requests reply now
+        await asyncio.sleep(0)
+        for connection in list(self.connections):
+            connection.close()
+        for connection in list(self.connections):
+            try:
+                await asyncio.wait_for(connection.writer.wait_closed(), CLOSE_TIMEOUT)
+            except (asyncio.TimeoutError, OSError):
+                pass
+        try:
+            (self.dir / records.LOG).unlink()
+        except FileNotFoundError:
+            pass
+        try:
+            self.dir.rmdir()
+        except OSError as exc:
+            log.warning("run directory left: %s", exc)
+
+    # -- requests -------------------------------------------------------------------
+    async def handle(self, connection: Connection, request_id: int, request_type: str, args: dict) -> None:
+        try:
+            handler = getattr(self, "rpc_" + request_type)
+            result = await handler(connection, args)
+            reply = {"id": request_id, "ok": True, "result": result}
+        except OwnerError as exc:
+            reply = error_reply(request_id, exc.code, str(exc))
+        except KataError as exc:
+            reply = error_reply(request_id, "failed", str(exc))
+        except asyncio.CancelledError:
+            reply = error_reply(request_id, "gone", self.reason or "the sandbox is ending")
+        except Exception as exc:     # a bug must not take the sandbox down
+            log.exception("%s failed", request_type)
+            reply = error_reply(request_id, "internal", repr(exc))
+        try:
+            connection.send(reply)
+        except FrameError as exc:
+            connection.send(error_reply(request_id, "internal", f"the reply cannot be sent: {exc}"))
+
+    async def _ready(self) -> Containers:
+        """The containers table once the VM is up; the boot's error, or `gone`."""
+        if self.ending.is_set():
+            raise OwnerError("gone", self.reason)
+        await asyncio.shield(self.booted)
+        if self.ending.is_set():
+            raise OwnerError("gone", self.reason)
+        return self.containers
+
+    async def rpc_ready(self, connection: Connection, args: dict) -> dict:
+        await self._ready()
+        return self.record()
+
+    async def rpc_info(self, connection: Connection, args: dict) -> dict:
+        return self.record()
+
+    async def rpc_subscribe(self, connection: Connection, args: dict) -> dict:
+        connection.subscribed = True
+        return {}
+
+    async def rpc_shutdown(self, connection: Connection, args: dict) -> dict:
+        self.end("shutdown requested")
+        await self.ended.wait()
+        return {}
+
+    async def rpc_create_container(self, connection: Connection, args: dict) -> dict:
+        _check_process(args)
+        _check_mounts(args)
+        _check_rootfs(args["rootfs"])
+        containers = await self._ready()
+        container = await containers.create(args)
+        return {"pid": container.init.pid}
+
+    async def rpc_start(self, connection: Connection, args: dict) -> dict:
+        containers = await self._ready()
+        return {"pid": await containers.start(args["name"])}
+
+    async def rpc_exec(self, connection: Connection, args: dict) -> dict:
+        _check_process(args)
+        containers = await self._ready()
+        return await containers.exec(args)
+
+    async def rpc_exec_stream(self, connection: Connection, args: dict) -> dict:
+        _check_process(args)
+        if len(set(args.get("streams", []))) != len(args.get("streams", [])):
+            raise OwnerError("invalid", "a stream is named twice")
+        containers = await self._ready()
+        return await containers.exec_stream(args)
+
+    async def rpc_start_process(self, connection: Connection, args: dict) -> dict:
+        containers = await self._ready()
+        return {"pid": await containers.start_process(args["name"], args["process_id"])}
+
+    async def rpc_signal(self, connection: Connection, args: dict) -> dict:
+        containers = await self._ready()
+        await containers.signal(args["name"], args.get("process_id"), args["signal"])
+        return {}
+
+    async def rpc_wait(self, connection: Connection, args: dict) -> dict:
+        containers = await self._ready()
+        return await containers.wait(args["name"], args.get("process_id"), args.get("timeout"))
+
+    async def rpc_delete_container(self, connection: Connection, args: dict) -> dict:
+        containers = await self._ready()
+        await containers.delete(args["name"])
+        return {}
+
+    async def rpc_put_file(self, connection: Connection, args: dict) -> dict:
+        data = _unbase64(args["data"], "data")
+        containers = await self._ready()
+        await containers.put_file(args["name"], args["path"], data, args.get("mode", 0o644),
+                                  bool(args.get("parents", True)))
+        return {}
+
+    async def rpc_get_file(self, connection: Connection, args: dict) -> dict:
+        containers = await self._ready()
+        data = await containers.get_file(args["name"], args["path"], args.get("max_size", MAX_FILE))
+        return {"data": binascii.b2a_base64(data, newline=False).decode("ascii"), "size": len(data)}
+
+    async def rpc_run(self, connection: Connection, args: dict) -> dict:
+        _check_process(args)
+        _check_mounts(args)
+        _check_rootfs(args["rootfs"])
+        containers = await self._ready()
+        return await containers.run(args)
+
+
+def _unbase64(text: str, what: str) -> bytes:
+    try:
+        return binascii.a2b_base64(text)
+    except (binascii.Error, ValueError) as exc:
+        raise OwnerError("invalid", f"{what} is not base64: {exc}") from None
+
+
+def _check_process(args: dict) -> None:
+    if "stdin" in args:
+        _unbase64(args["stdin"], "stdin")
+    for item in args.get("env", []):
+        if "=" not in item or item.startswith("="):
+            raise OwnerError("invalid", f"environment entry {item[:64]!r} is not KEY=VALUE")
+    if any("\0" in a for a in args["args"]):
+        raise OwnerError("invalid", "an argument holds a NUL byte")
+    args.setdefault("max_output", DEFAULT_OUTPUT)
+
+
+def _check_mounts(args: dict) -> None:
+    """Filesystem mounts only: a bind's source would be a path of the guest's
+    own (the agent's files), not a host path, which needs the export."""
+    for index, mount in enumerate(args.get("mounts", [])):
+        options = mount.get("options", [])
+        if mount.get("type") == "bind" or "bind" in options or "rbind" in options:
+            raise OwnerError("invalid", f"/args/mounts/{index}: bind mounts are not supported here")
+
+
+def _check_rootfs(path: str) -> None:
+    if not os.path.isdir(path):
+        raise OwnerError("invalid", f"rootfs {path}: not a directory")
+    if os.path.realpath(path) == "/":
+        raise OwnerError("invalid", "the host's / cannot be a container's rootfs")
+
+
+def _setup_logging(log_path: Path, level: str) -> None:
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    # From here on a traceback lands in the log, not on the client's terminal.
+    os.dup2(fd, 2)
+    os.close(fd)
+    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level),
+                        format="%(asctime)s owner %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="kata-py-sandbox-owner")
+    parser.add_argument("--id", required=True, help="the sandbox's id ([A-Za-z0-9_.-], at most 32)")
+    parser.add_argument("--memory-mib", type=int, default=256)
+    parser.add_argument("--cpus", type=int, default=1)
+    parser.add_argument("--control-fd", type=int, default=None,
+                        help="a connected socket: the sandbox ends when it closes")
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    args = parser.parse_args(argv)
+    if not all(c.isalnum() or c in "_.-" for c in args.id) or not 0 < len(args.id) <= 32:
+        parser.error(f"--id {args.id!r}: letters, digits, _ . - only, at most 32")
+    if not 1 <= args.cpus <= 64 or not 96 <= args.memory_mib <= 1 << 20:
+        parser.error("--cpus must be 1..64 and --memory-mib 96..1048576")
+    directory = records.sandbox_dir(args.id)
+    paths.ensure_private_dir(directory.parent)
+    try:
+        directory.mkdir(mode=0o700)
+    except FileExistsError:
+        parser.error(f"sandbox {args.id} exists already ({directory})")
+    _setup_logging(directory / records.LOG, args.log_level)
+    try:
+        # Before any thread exists (unshare(CLONE_NEWNS) is refused to a threaded process).
+        enter_private_mount_namespace()
+    except OSError as exc:
+        log.error("cannot make a mount namespace: %s", exc)
+        (directory / records.LOG).unlink()
+        directory.rmdir()
+        sys.exit(1)
+    status = asyncio.run(Owner(args.id, args.memory_mib, args.cpus, args.control_fd).main())
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()
