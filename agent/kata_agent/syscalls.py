@@ -9,29 +9,23 @@ from __future__ import annotations
 import ctypes
 import os
 
+# The mount flags that OCI options stand for come from the protocol's table
+# (shared with the host); MS_MOVE is the agent's own: no OCI option means it.
+from kata_py.protocol.oci_names import (MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE,  # noqa: F401
+                                        MS_RDONLY, MS_REC, MS_RELATIME, MS_REMOUNT, MS_SHARED, MS_SLAVE,
+                                        MS_UNBINDABLE)
+
 SYS_FINIT_MODULE = 313  # x86_64
 RB_AUTOBOOT = 0x01234567
 RB_POWER_OFF = 0x4321FEDC
 EEXIST = 17
 
-MS_RDONLY = 0x1
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MS_NOEXEC = 0x8
-MS_REMOUNT = 0x20
-MS_BIND = 0x1000
 MS_MOVE = 0x2000
-MS_REC = 0x4000
-MS_UNBINDABLE = 1 << 17
-MS_PRIVATE = 1 << 18
-MS_SLAVE = 1 << 19
-MS_SHARED = 1 << 20
 MNT_DETACH = 2
 SYS_PIVOT_ROOT = 155  # x86_64
 SYS_OPENAT2 = 437     # x86_64 (and every architecture since 5.6)
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_IN_ROOT = 0x10
-MS_RELATIME = 1 << 21
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000

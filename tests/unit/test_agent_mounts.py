@@ -129,15 +129,3 @@ def test_devices(tmp_path):
     mine = os.stat(tmp_path / "dev" / "mydev")
     assert stat.S_IMODE(mine.st_mode) == 0o600 and (mine.st_uid, mine.st_gid) == (1000, 1000)
     assert stat.S_ISFIFO(os.stat(tmp_path / "dev" / "fifo0").st_mode)
-
-
-def test_option_tables_and_the_agents_mount_flags_agree():
-    """The option tables live in kata_py.protocol.oci_names (shared with `kata-py
-    features`); the agent's own mount(2) calls use kata_agent.syscalls: one bit each."""
-    from kata_agent import syscalls
-
-    from kata_py.protocol import oci_names
-
-    shared = [name for name in dir(syscalls) if name.startswith("MS_") and hasattr(oci_names, name)]
-    assert "MS_RDONLY" in shared and "MS_SHARED" in shared
-    assert {name: getattr(syscalls, name) for name in shared} == {name: getattr(oci_names, name) for name in shared}
