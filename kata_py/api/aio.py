@@ -273,16 +273,21 @@ class AsyncSandbox:
             reason = self._client.gone_reason or ""
             await self._client.close()      # closing the control connection ends the owner
         if self._process is not None:
-            try:
-                await asyncio.wait_for(self._process.wait(), SHUTDOWN_TIMEOUT)
-            except asyncio.TimeoutError:
-                self._process.kill()
-                await self._process.wait()
+            await self._reap_owner()
             reason = reason or f"the sandbox owner ended ({describe_exit(self._process.returncode)})"
             reason += self._log_tail()
             await self._clean_up()
         self.gone_reason = self.gone_reason or reason
         return reason
+
+    async def _reap_owner(self) -> None:
+        """The owner ends by itself once its control connection is gone; one
+        that does not within SHUTDOWN_TIMEOUT is killed (its QEMU dies with it)."""
+        try:
+            await asyncio.wait_for(self._process.wait(), SHUTDOWN_TIMEOUT)
+        except asyncio.TimeoutError:
+            self._process.kill()
+            await self._process.wait()
 
     def _log_tail(self) -> str:
         try:
@@ -309,11 +314,7 @@ class AsyncSandbox:
     async def _after_loss(self) -> str:
         reason = self._client.gone_reason if self._client is not None else None
         if self._process is not None:
-            try:
-                await asyncio.wait_for(self._process.wait(), SHUTDOWN_TIMEOUT)
-            except asyncio.TimeoutError:
-                self._process.kill()
-                await self._process.wait()
+            await self._reap_owner()
             if reason is None:
                 reason = (f"the sandbox owner (pid {self._process.pid}) died "
                           f"({describe_exit(self._process.returncode)})" + self._log_tail())
