@@ -114,7 +114,7 @@ class Factory:
         self.changed.set()
         # What a killed standby could not remove itself: empty mount points only
         # (its mounts died with its namespace).
-        from ..oci.share import remove_share_dir
+        from ..sandbox.share import remove_share_dir
         remove_share_dir(directory / "share")
         (directory / "standby.sock").unlink(missing_ok=True)
         for run_dir in directory.glob("vm-*"):  # sockets and logs only

@@ -36,7 +36,8 @@ def _outlive_the_factory() -> None:
 
 async def serve(directory: Path, memory: int, cpus: int) -> int:
     from ..image import ensure_image
-    from ..oci.share import ROOTFS_ENTRY, ContainerShare, remove_share_dir
+    from ..oci.share import ROOTFS_ENTRY
+    from ..sandbox.share import ContainerShare, remove_share_dir
     from ..sandbox.sandbox import Sandbox, Share
     from .warmup import warm_up
 
@@ -108,7 +109,7 @@ async def serve(directory: Path, memory: int, cpus: int) -> int:
 
 
 def _remove_empty(directory: Path) -> None:
-    """Never a recursive delete here (see share.py): everything in it is gone."""
+    """Never a recursive delete here (see sandbox/share.py): everything in it is gone."""
     try:
         directory.rmdir()
     except OSError:
@@ -123,12 +124,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s standby %(process)d %(levelname)s %(message)s")
-    from ..oci.share import enter_private_mount_namespace
+    from ..sandbox.share import enter_private_mount_namespace
 
     # The VM's run directory goes in the standby's own, which the factory
     # cleans up should this process be killed.
     os.environ["KATA_PY_RUN_DIR"] = args.dir
-    enter_private_mount_namespace()  # before any thread: see share.py
+    enter_private_mount_namespace()  # before any thread: see sandbox/share.py
     try:
         sys.exit(asyncio.run(serve(Path(args.dir), args.memory, args.cpus)))
     except Exception:

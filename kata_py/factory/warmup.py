@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..oci.busybox import DEFAULT_MOUNTS, make_busybox_rootfs
 from ..oci.guest_spec import create_container_args
+from ..sandbox.handle import SandboxHandle
 from ..sandbox.process import ProcessSession
 
 CONTAINER_ID = "kata-py-warmup"
@@ -33,7 +34,7 @@ SPEC = {
 }
 
 
-async def warm_up(sandbox, share_dir: Path) -> None:
+async def warm_up(sandbox: SandboxHandle, share_dir: Path) -> None:
     """Run and delete one container in `sandbox`; raises what the agent raises."""
     rootfs = share_dir / ENTRY
     make_busybox_rootfs(rootfs)

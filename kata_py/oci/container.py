@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError, KataError
+from ..sandbox.share import remove_share_dir
 from .hooks import run_guest_hooks, run_hooks
 from .process_spec import agent_container_id
-from .share import remove_share_dir, sandbox_dir_for, share_dir_for
+from .share import sandbox_dir_for, share_dir_for
 from .spec import load_bundle
 from .state import (ContainerNotFound, ContainerState, StateStore, Status, process_start_time,
                     validate_id)
@@ -282,7 +283,7 @@ async def _start(state: ContainerState) -> None:
                 raise
         await handle.agent.request("start_process", {"process_id": state.init_process})
     finally:
-        await handle.agent.close()
+        await handle.stop()
 
 
 def _agent_call(state: ContainerState, request: str, args: dict, timeout: float = 30.0) -> dict:

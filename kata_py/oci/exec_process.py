@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import copy
 from pathlib import Path
-from types import SimpleNamespace
 
 from ..errors import KataError
-from ..sandbox.agent_client import AgentClient
+from ..sandbox.handle import ReattachedSandbox
 from ..sandbox.process import ProcessSession
+from ..vsock.transport import VsockTransport
 from .process_spec import agent_container_id, process_args
 from .state import ContainerState, StateStore, Status
 
@@ -59,7 +59,7 @@ def with_container_defaults(spec: dict, container: dict, add_caps=(), no_new_pri
     return spec
 
 
-def transport_for(state: ContainerState):
+def transport_for(state: ContainerState) -> VsockTransport:
     """Reach the agent of a container's VM from any process."""
     from ..vsock.transport import HybridVsock, KernelVsock
 
@@ -68,14 +68,15 @@ def transport_for(state: ContainerState):
     return HybridVsock(Path(state.run_dir))
 
 
-async def connect(state: ContainerState) -> SimpleNamespace:
-    """A sandbox-like handle (agent + transport) for ProcessSession and friends."""
-    transport = transport_for(state)
+async def connect(state: ContainerState) -> ReattachedSandbox:
+    """The container's VM, owned by its monitor, as a handle of this process
+    (its own agent connection) for ProcessSession and friends."""
+    handle = ReattachedSandbox(transport_for(state), run_dir=Path(state.run_dir) if state.run_dir else None, timeout=CONNECT_TIMEOUT)
     try:
-        agent = await AgentClient.connect(transport, timeout=CONNECT_TIMEOUT)
+        await handle.start()
     except (KataError, OSError) as exc:
         raise KataError(f"container {state.id!r}: cannot reach its VM's agent: {exc}") from None
-    return SimpleNamespace(agent=agent, transport=transport)
+    return handle
 
 
 async def exec_in_container(store: StateStore, container_id: str, spec: dict, console_socket: str | None,
@@ -114,7 +115,7 @@ async def exec_in_container(store: StateStore, container_id: str, spec: dict, co
     finally:
         if console is not None:
             console.close()
-        await handle.agent.close()
+        await handle.stop()
 
 
 def run_attached(store: StateStore, container_id: str, spec: dict, console_socket: str | None) -> int:

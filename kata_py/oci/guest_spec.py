@@ -12,7 +12,8 @@ import os
 import stat
 
 from ..errors import ConfigError
-from .share import ROOTFS_ENTRY, ContainerShare
+from ..sandbox.share import ContainerShare
+from .share import ROOTFS_ENTRY
 
 # The guest namespaces a spec can ask for. `network` is the VM's own (see the
 # network layer) and `time` is not made per container.

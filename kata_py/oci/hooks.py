@@ -7,8 +7,12 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+from typing import TYPE_CHECKING
 
 from ..errors import KataError
+
+if TYPE_CHECKING:
+    from ..sandbox.handle import SandboxHandle
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +54,7 @@ def _run_one(kind: str, hook: dict, state: dict) -> None:
         raise HookError(kind, path, f"exit status {proc.returncode}" + (f": {detail[-1]}" if detail else ""))
 
 
-async def run_guest_hooks(handle, container_id: str, kind: str, hooks: list[dict], state: dict) -> None:
+async def run_guest_hooks(handle: SandboxHandle, container_id: str, kind: str, hooks: list[dict], state: dict) -> None:
     """createContainer / startContainer hooks: inside the VM, in the container's
     namespaces and root (the only place their binaries can be: the host's
     filesystem is not in the guest), with the state on stdin and the timeout

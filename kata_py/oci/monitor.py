@@ -53,13 +53,15 @@ def _stdio_fds(console) -> dict:
 async def run_container(args, report: StatusPipe, loaded, claimed=None) -> int:
     from ..image import ensure_image
     from ..network import attach_container, configure_guest, detach_container
+    from ..sandbox.handle import SandboxHandle
     from ..sandbox.process import ProcessSession
     from ..sandbox.sandbox import Sandbox, Share
+    from ..sandbox.share import ContainerShare, remove_share_dir
     from .console import HostConsole
     from .guest_spec import create_container_args
     from .hooks import run_guest_hooks
     from .process_spec import agent_container_id, process_args, seccomp_args, vm_size
-    from .share import ROOTFS_ENTRY, ContainerShare, remove_share_dir, sandbox_dir_for, share_dir_for
+    from .share import ROOTFS_ENTRY, sandbox_dir_for, share_dir_for
 
     store = StateStore(args.root)
     state, (bundle, config, rootfs) = loaded
@@ -69,10 +71,10 @@ async def run_container(args, report: StatusPipe, loaded, claimed=None) -> int:
     # A pooled VM's export is its standby's, already in this mount namespace.
     share = ContainerShare(claimed.share_dir if claimed else share_dir_for(args.root, args.id),
                            existing=claimed is not None)
-    sandbox = None
+    sandbox: SandboxHandle | None = None
     network = None
     try:
-        share.add(str(rootfs), name=ROOTFS_ENTRY)
+        share.add(str(rootfs), name=ROOTFS_ENTRY, exist_ok=True)
         cid = agent_container_id(args.id)
         create_args = create_container_args(cid, config, str(bundle), share, no_pivot=state.no_pivot)
         if claimed is not None:
@@ -104,7 +106,7 @@ async def run_container(args, report: StatusPipe, loaded, claimed=None) -> int:
         hook_state = dict(state.oci_state(), status=Status.CREATING.value, pid=os.getpid())
         await run_guest_hooks(sandbox, args.id, "createContainer",
                               config.get("hooks", {}).get("createContainer", []), hook_state)
-        report.send("ok", {"run_dir": str(sandbox.run_dir), "vsock": {"uds": str(sandbox.transport.uds_path)},
+        report.send("ok", {"run_dir": str(sandbox.run_dir), "vsock": sandbox.transport.address(),
                            "init_process": session.process_id, "guest_pid": guest_pid})
         if console is not None:
             console.attach_session(session)
@@ -242,14 +244,14 @@ def main(argv: list[str] | None = None) -> None:
             if args.go_fd >= 0:
                 _wait_for_go(args.go_fd)
             # Before any thread exists: the container's share mounts live and die
-            # with this process and its QEMU (see share.py), or with the
+            # with this process and its QEMU (see sandbox/share.py), or with the
             # standby of a pooled VM, whose mount namespace this joins.
             loaded = _load(args)
             claimed = _claim_pooled_vm(loaded[1][1])
             if claimed is not None:
                 claimed.enter_mount_namespace()
             else:
-                from .share import enter_private_mount_namespace
+                from ..sandbox.share import enter_private_mount_namespace
                 enter_private_mount_namespace()
             status = asyncio.run(run_container(args, report, loaded, claimed))
     except KataError as exc:

@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from ..errors import KataError
 from ..protocol.messages import MAX_FILE_CHUNK
 from .agent_client import AgentRequestError
-from .export import TAG, Export, ExportError
+from .handle import SandboxHandle
 from .owner_protocol import DEFAULT_OUTPUT, MAX_CONTAINERS, MAX_FILE
 from .process import DEFAULT_ENV, ProcessSession, exit_status
+from .share import TAG, ContainerShare, ShareError
 
 log = logging.getLogger("kata_py.owner")
 
@@ -150,7 +151,7 @@ def _security(args: dict) -> dict:
 class Containers:
     """The owner's table of containers in its one VM."""
 
-    def __init__(self, sandbox, export: Export, publish, lost, changed) -> None:
+    def __init__(self, sandbox: SandboxHandle, export: ContainerShare, publish, lost, changed) -> None:
         self.sandbox = sandbox          # kata_py.sandbox.sandbox.Sandbox, booted
         self.export = export
         self.publish = publish          # publish(event dict)
@@ -310,7 +311,7 @@ class Containers:
         async with container.lock:
             created = False
             try:
-                self.export.add_rootfs(container.entry, args["rootfs"], readonly=bool(args.get("readonly")))
+                self.export.add(args["rootfs"], readonly=bool(args.get("readonly")), name=container.entry)
                 spec = {"container_id": name, "mount_tag": TAG, "rootfs_path": container.entry,
                         "readonly": bool(args.get("readonly")), "hostname": args.get("hostname", name),
                         "resources": args.get("resources", {}),
@@ -338,7 +339,7 @@ class Containers:
                     except KataError as undo:
                         log.warning("undoing container %s: %s", name, undo)
                 self.export.remove(container.entry)
-                if isinstance(exc, ExportError):
+                if isinstance(exc, ShareError):
                     raise OwnerError("invalid", str(exc)) from exc
                 if isinstance(exc, KataError):
                     raise agent_failure(exc, f"creating container {name!r}") from exc
@@ -413,9 +414,8 @@ class Containers:
         except KataError as exc:
             raise agent_failure(exc, f"exec in container {container.name!r}") from exc
         container.processes[proc.process_id] = proc
-        transport = self.sandbox.transport
-        vsock = {"cid": transport.guest_cid} if not hasattr(transport, "uds_path") else {"uds": str(transport.uds_path)}
-        return {"process_id": proc.process_id, "agent_process_id": proc.agent_id, "vsock": vsock}
+        return {"process_id": proc.process_id, "agent_process_id": proc.agent_id,
+                "vsock": self.sandbox.transport.address()}
 
     async def start_process(self, name: str, process_id: str) -> int:
         container = self.get(name)

@@ -53,7 +53,7 @@ from ..protocol.framing import FrameError, encode_frame, read_frame
 from ..protocol.schema import SchemaError
 from . import record as records
 from .containers import Containers, OwnerError
-from .export import TAG, Export, enter_private_mount_namespace
+from .share import TAG, ContainerShare, enter_private_mount_namespace
 from .owner_protocol import DEFAULT_OUTPUT, MAX_FILE, MAX_FRAME, PROTOCOL_VERSION, check_request, error_reply
 
 log = logging.getLogger("kata_py.owner")
@@ -140,7 +140,7 @@ class Owner:
         self.control_fd = control_fd
         self.dir = records.sandbox_dir(sandbox_id)
         self.socket_path = self.dir / records.SOCKET
-        self.export: Export | None = None
+        self.export: ContainerShare | None = None
         self.sandbox = None
         self.containers: Containers | None = None
         self.connections: set[Connection] = set()
@@ -160,19 +160,16 @@ class Owner:
         machine = sandbox.machine if sandbox is not None else None
         transport = sandbox.transport if sandbox is not None else None
         qemu_pid = machine.pid if machine is not None else None
-        backend = getattr(transport, "proc", None)
-        vsock = None
-        if transport is not None:
-            vsock = {"uds": str(transport.uds_path)} if hasattr(transport, "uds_path") else \
-                {"cid": transport.guest_cid}
+        backend_pid = transport.backend_pid() if transport is not None else None
+        vsock = transport.address() if transport is not None else None
         return {
             "id": self.id, "protocol": PROTOCOL_VERSION, "status": self.status,
             "run_dir": str(self.dir), "socket": str(self.socket_path), "share_dir": str(self.dir / records.SHARE),
             "vm_run_dir": str(records.vm_dir(self.id)),
             "owner_pid": os.getpid(), "owner_start": records.start_time(os.getpid()) or 0,
             "qemu_pid": qemu_pid, "qemu_start": records.start_time(qemu_pid) if qemu_pid else None,
-            "backend_pid": backend.pid if backend is not None else None,
-            "backend_start": records.start_time(backend.pid) if backend is not None else None,
+            "backend_pid": backend_pid,
+            "backend_start": records.start_time(backend_pid) if backend_pid is not None else None,
             "vsock": vsock, "memory_mib": self.memory_mib, "cpus": self.cpus,
             "boot_seconds": self.boot_seconds, "created": self.created,
             "containers": self.containers.infos() if self.containers is not None else [],
@@ -209,7 +206,7 @@ class Owner:
         self.booted.add_done_callback(lambda f: f.cancelled() or f.exception())
         boot = None
         try:
-            self.export = Export(self.dir / records.SHARE)
+            self.export = ContainerShare(self.dir / records.SHARE)
             self.save()
             await self._listen()
             boot = asyncio.ensure_future(self._boot())

@@ -1,9 +1,9 @@
 """The pool client: claiming a VM that the factory's pool booted, and using it.
 
 The factory daemon and its standbys (kata_py.factory) keep the pool; a
-container's monitor claims one VM here. `PooledSandbox` offers what the
-container code needs of a Sandbox (agent, transport, run_dir, start, stop)
-for a VM that a standby booted and keeps.
+container's monitor claims one VM here. `PooledSandbox` is a SandboxHandle
+(kata_py/sandbox/handle.py: agent, transport, run_dir, start, stop) for a VM
+that a standby booted and keeps.
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ import time
 
 from ..errors import KataError
 from ..timing import mark
-from .agent_client import open_stream
+from .agent_client import AgentClient, open_stream
+from .handle import SandboxHandle
 
 RELAY_CHUNK = 256 * 1024
 DRAIN_IDLE = 5.0        # after exit: seconds without output that end the relay
@@ -117,7 +118,7 @@ class ProcessSession:
     receives the terminal's output and stderr_fd is unused.
     """
 
-    def __init__(self, sandbox, argv: list[str], env: list[str] | None = None, cwd: str = "/",
+    def __init__(self, sandbox: SandboxHandle, argv: list[str], env: list[str] | None = None, cwd: str = "/",
                  stdin_fd: int | None = 0, stdout_fd: int | None = 1, stderr_fd: int | None = 2,
                  tty: bool = False, rows: int = 0, cols: int = 0, container_id: str | None = None,
                  init: bool = False, user: dict | None = None, process_id: str | None = None,
@@ -140,7 +141,7 @@ class ProcessSession:
         self.pid: int | None = None
 
     @property
-    def agent(self):
+    def agent(self) -> AgentClient:
         return self.sandbox.agent
 
     async def create(self) -> None:
@@ -211,7 +212,7 @@ class ProcessSession:
             writer.close()
 
 
-async def run_process(sandbox, argv: list[str], forward_signals: bool = False, **kwargs) -> int:
+async def run_process(sandbox: SandboxHandle, argv: list[str], forward_signals: bool = False, **kwargs) -> int:
     """Run argv in the guest; return its exit status (128+N if killed by signal N)."""
     session = ProcessSession(sandbox, argv, **kwargs)
     await session.create()

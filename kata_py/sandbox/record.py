@@ -3,7 +3,7 @@
     <run_dir()>/sb-<id>/sandbox.json    this record
     <run_dir()>/sb-<id>/owner.sock      the owner's socket (0600)
     <run_dir()>/sb-<id>/owner.log       its log
-    <run_dir()>/sb-<id>/share/          the VM's 9p export (see export.py)
+    <run_dir()>/sb-<id>/share/          the VM's 9p export (see share.py)
     <run_dir()>/vm-<id>/                the VM's run directory (QEMU's sockets,
                                         console log; its host cgroups take its name)
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .. import paths
 from ..vmm.host_cgroup import remove_host_cgroups
-from .export import remove_export_dir
+from .share import remove_share_dir
 
 RECORD = "sandbox.json"
 SOCKET = "owner.sock"
@@ -116,7 +116,7 @@ def clean_up_after(record: dict, timeout: float = 5.0) -> None:
         shutil.rmtree(vm_run_dir, ignore_errors=True)
         remove_host_cgroups(Path(vm_run_dir).name)
     run_dir = Path(record["run_dir"])
-    remove_export_dir(Path(record.get("share_dir") or run_dir / SHARE))
+    remove_share_dir(Path(record.get("share_dir") or run_dir / SHARE))
     for name in (RECORD, RECORD + ".tmp", SOCKET, LOG):
         try:
             (run_dir / name).unlink()

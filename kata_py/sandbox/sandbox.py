@@ -21,7 +21,7 @@ from ..errors import AgentError, KataError, VMLaunchError, VsockError
 from ..vmm.cmdline import VMConfig
 from ..vmm.machine import QemuMachine, tail
 from ..vmm.probe import choose_accel
-from ..vsock.transport import choose_transport
+from ..vsock.transport import VsockTransport, choose_transport
 from .agent_client import AgentClient
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class Sandbox:
         # be found and removed without this object; else a new one under paths.run_dir().
         self.chosen_run_dir = Path(run_dir) if run_dir is not None else None
         self.run_dir: Path | None = None
-        self.transport = None
+        self.transport: VsockTransport | None = None
         self.machine: QemuMachine | None = None
         self.agent: AgentClient | None = None
         self.agent_info: dict = {}
@@ -111,8 +111,7 @@ class Sandbox:
                 self.run_dir = Path(tempfile.mkdtemp(prefix="vm-", dir=base))
             accel = self.accel or choose_accel(self.image.kernel, self.image.floor_initrd, paths.state_dir()).accel
             self.transport = choose_transport(self.run_dir)
-            if hasattr(self.transport, "start"):
-                self.transport.start()
+            self.transport.start()
             config = VMConfig(kernel=self.image.kernel, initrd=self.image.initrd,
                               console_log=self.run_dir / "console.log", memory_mib=self.memory_mib,
                               cpus=self.cpus, accel=accel, machine=self.machine_type,
@@ -142,7 +141,7 @@ class Sandbox:
         while time.monotonic() < deadline:
             if not self.machine.alive():
                 raise self._dead("the VM exited before its agent was ready")
-            if not getattr(self.transport, "alive", lambda: True)():
+            if not self.transport.alive():
                 # The back end also ends when QEMU does: then QEMU's exit is the news.
                 if await self.machine.wait(1.0) is not None:
                     raise self._dead("the VM exited before its agent was ready")

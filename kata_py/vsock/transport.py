@@ -14,16 +14,27 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..errors import VsockError
 from . import hybrid
+
+if TYPE_CHECKING:
+    import asyncio
 
 VHOST_VSOCK_DEV = "/dev/vhost-vsock"
 
 
 class VsockTransport(Protocol):
     name: str
+
+    def start(self) -> None: ...
+
+    def alive(self) -> bool: ...
+
+    def address(self) -> dict: ...
+
+    def backend_pid(self) -> int | None: ...
 
     def qemu_args(self, bus: str) -> list[str]: ...
 
@@ -129,6 +140,14 @@ class HybridVsock:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def address(self) -> dict:
+        """How another process reaches the guest (a sandbox's record)."""
+        return {"uds": str(self.uds_path)}
+
+    def backend_pid(self) -> int | None:
+        """The back end process's pid, once started (it may have exited since)."""
+        return self.proc.pid if self.proc is not None else None
 
     def backend_log_tail(self, max_bytes: int = 4096) -> str:
         try:
@@ -246,6 +265,19 @@ class KernelVsock:
         if not 3 <= guest_cid < 0xFFFFFFFF:
             raise ValueError(f"guest cid {guest_cid} out of range")
         self.guest_cid = guest_cid
+
+    def start(self) -> None:
+        """Nothing to start: QEMU opens /dev/vhost-vsock itself."""
+
+    def alive(self) -> bool:
+        return True     # no back end process of ours to lose
+
+    def address(self) -> dict:
+        """How another process reaches the guest (a sandbox's record)."""
+        return {"cid": self.guest_cid}
+
+    def backend_pid(self) -> int | None:
+        return None
 
     def qemu_args(self, bus: str) -> list[str]:
         _check_bus(bus)

@@ -7,11 +7,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-from kata_py.sandbox.agent_client import AgentClient, AgentRequestError, open_stream
+from kata_py.sandbox.agent_client import AgentRequestError, open_stream
+from kata_py.sandbox.handle import ReattachedSandbox
 from kata_py.sandbox.process import run_process
 
 HERE = Path(__file__).resolve().parent.parent
@@ -41,11 +41,12 @@ def run(coro):
 
 
 async def _session(transport, fn):
-    client = await AgentClient.connect(transport, timeout=5)
+    handle = ReattachedSandbox(transport, timeout=5)
+    await handle.start()
     try:
-        return await fn(client, SimpleNamespace(agent=client, transport=transport))
+        return await fn(handle.agent, handle)
     finally:
-        await client.close()
+        await handle.stop()
 
 
 def test_ping(agent):

@@ -180,12 +180,12 @@ def test_clean_up_leaves_a_live_owner_alone(run_dir):
 EXPORT_CHILD = """
 import json, os, sys
 from pathlib import Path
-from kata_py.sandbox.export import Export, enter_private_mount_namespace
+from kata_py.sandbox.share import ContainerShare, enter_private_mount_namespace
 root, source = Path(sys.argv[1]), sys.argv[2]
 enter_private_mount_namespace()
-export = Export(root / "share")
-export.add_rootfs("c1", source)
-export.add_rootfs("c2", source, readonly=True)
+export = ContainerShare(root / "share")
+export.add(source, name="c1")
+export.add(source, readonly=True, name="c2")
 seen = {"entries": sorted(os.listdir(root / "share")), "c1": (root / "share" / "c1" / "f").read_text()}
 try:
     (root / "share" / "c2" / "new").write_text("x")
@@ -216,7 +216,7 @@ def test_export_binds_live_in_the_owners_namespace_only(tmp_path, ending):
         assert not share.exists()
     else:   # the namespace died with the process: an empty mount point is all that is left
         assert os.listdir(share) == ["c2"] and os.listdir(share / "c2") == []
-        from kata_py.sandbox.export import remove_export_dir
-        remove_export_dir(share)
+        from kata_py.sandbox.share import remove_share_dir
+        remove_share_dir(share)
         assert not share.exists()
     assert (source / "f").read_text() == "hello" and os.listdir(source) == ["f"]

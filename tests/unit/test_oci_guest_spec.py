@@ -9,6 +9,7 @@ import pytest
 
 from kata_py.errors import ConfigError
 from kata_py.oci import share as share_mod
+from kata_py.sandbox import share as sandbox_share
 from kata_py.oci.guest_spec import create_container_args
 from kata_py.protocol.messages import REQUESTS
 from kata_py.protocol.schema import validate
@@ -89,7 +90,7 @@ def _in_private_namespace(fn) -> dict:
     if pid == 0:
         os.close(r)
         try:
-            share_mod.enter_private_mount_namespace()
+            sandbox_share.enter_private_mount_namespace()
             result = {"ok": fn()}
         except BaseException as exc:  # report, never return into pytest
             result = {"error": repr(exc)}
@@ -117,7 +118,7 @@ def test_share_binds_are_private_confined_and_removable(tmp_path):
     path = tmp_path / "run" / "share-x"
 
     def inside():
-        sh = share_mod.ContainerShare(path)
+        sh = sandbox_share.ContainerShare(path)
         rootfs = sh.add(str(data), name=share_mod.ROOTFS_ENTRY)
         ro = sh.add(str(data), readonly=True)
         one = sh.add(str(single))
@@ -128,7 +129,7 @@ def test_share_binds_are_private_confined_and_removable(tmp_path):
             seen["ro_write"] = "allowed"
         except OSError as exc:
             seen["ro_write"] = exc.errno
-        share_mod.remove_share_dir(path)
+        sandbox_share.remove_share_dir(path)
         seen["removed"] = not path.exists()
         seen["source_intact"] = (data / "f").read_text()
         return seen
@@ -148,14 +149,14 @@ def test_leftover_share_dir_is_removed_without_touching_sources(tmp_path):
     path = tmp_path / "share-y"
 
     def inside():
-        sh = share_mod.ContainerShare(path)
+        sh = sandbox_share.ContainerShare(path)
         sh.add(str(data), name="rootfs")
         # As if the monitor had been killed: the namespace goes, the entries stay.
         return True
 
     _in_private_namespace(inside)
     assert sorted(os.listdir(path)) == ["rootfs"] and os.listdir(path / "rootfs") == []
-    share_mod.remove_share_dir(path)
+    sandbox_share.remove_share_dir(path)
     assert not path.exists() and (data / "keep").exists()
 
 
