@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -115,12 +114,6 @@ def vms(request, loop_thread, image):
 @pytest.fixture(scope="module")
 def module_vms(request, loop_thread, image):
     yield from _factory(request, loop_thread, image)
-
-
-def kata(*args, input=None, timeout=300, check=False, **kwargs) -> subprocess.CompletedProcess:
-    """Run the kata-py CLI as a user would."""
-    return subprocess.run(KATA + list(args), input=input, capture_output=True, timeout=timeout,
-                          check=check, **kwargs)
 
 
 def qemu_processes_under(run_dir: Path) -> list[int]:

@@ -8,8 +8,6 @@ import os
 import socket
 import time
 
-import pytest
-
 NAMESPACE_COUNTER = itertools.count()
 INGRESS_PARENT = 0xFFFFFFF2
 IFA_F_TENTATIVE = 0x40
@@ -83,13 +81,6 @@ class Namespaces:
             netns.remove(name)
         self.names.clear()
         self.host_links.clear()
-
-
-@pytest.fixture
-def namespaces():
-    made = Namespaces()
-    yield made
-    made.cleanup()
 
 
 def settle(ns: str | None, timeout: float = 30) -> None:

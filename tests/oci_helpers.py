@@ -2,29 +2,54 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-import pytest
-
-from kata_py.oci.state import StateStore
 from tests.conftest import KATA, RUN_DIR, qemu_processes_under
 
-PR_SET_CHILD_SUBREAPER = 36
 MONITOR = b"kata_py.oci.monitor"
 
 
-def cli(root: Path, *args, input: bytes | None = None, stdin=None, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, timeout: float = 120) -> subprocess.CompletedProcess:
-    """`kata-py --root ROOT ARGS...`. A create or a detached run hands its stdio
-    to the container's monitor, so give those files, not pipes we wait on."""
+def cli(root: Path | None, *args, input: bytes | None = None, stdin=None, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, io: Path | None = None, netns: str | None = None, log: Path | None = None,
+        runtime: Sequence[str] = KATA, env: dict | None = None, cwd: Path | None = None,
+        timeout: float = 120) -> subprocess.CompletedProcess:
+    """`kata-py [--root ROOT] ARGS...`, run as a user would: the one way the
+    tests run the CLI. stdin is /dev/null unless given.
+
+    io: a directory whose files `stdout` and `stderr` take the output (appended
+      to), for a create or a detached run or exec: those hand their stdio to the
+      container's monitor, so give them files, not pipes we would wait on. The
+      result holds what this call wrote to them.
+    netns: run it inside the network namespace /run/netns/NETNS (nsenter --net=).
+    log: `--log LOG --log-format json`.
+    runtime: the runtime's own argv (another runtime, such as runc, to compare)."""
+    argv = list(runtime)
+    if root is not None:
+        argv += ["--root", str(root)]
+    if log is not None:
+        argv += ["--log", str(log), "--log-format", "json"]
+    argv += map(str, args)
+    if netns is not None:
+        argv = ["nsenter", f"--net=/run/netns/{netns}", *argv]
     if input is None and stdin is None:
         stdin = subprocess.DEVNULL
-    return subprocess.run(KATA + ["--root", str(root), *map(str, args)], input=input, stdin=stdin,
-                          stdout=stdout, stderr=stderr, timeout=timeout)
+    if io is None:
+        return subprocess.run(argv, input=input, stdin=stdin, stdout=stdout, stderr=stderr, env=env, cwd=cwd,
+                              timeout=timeout)
+    io.mkdir(parents=True, exist_ok=True)
+    with open(io / "stdout", "ab") as out, open(io / "stderr", "ab") as err:
+        start = out.tell(), err.tell()
+        result = subprocess.run(argv, input=input, stdin=stdin, stdout=out, stderr=err, env=env, cwd=cwd,
+                                timeout=timeout)
+    with open(io / "stdout", "rb") as out, open(io / "stderr", "rb") as err:
+        out.seek(start[0])
+        err.seek(start[1])
+        result.stdout, result.stderr = out.read(), err.read()
+    return result
 
 
 def cmdline(pid: int) -> bytes:
@@ -54,36 +79,6 @@ def assert_nothing_left(root: Path) -> None:
     assert [pid for pid in qemu_processes_under(RUN_DIR) if factory not in cmdline(pid)] == []
     sandboxes = sorted(p.name for p in RUN_DIR.iterdir() if p.name != "factory") if RUN_DIR.exists() else []
     assert sandboxes == [], f"left in the run directory: {sandboxes}"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def subreaper(image):
-    """Become a child subreaper, as conmon and containerd's shim are: the monitor
-    that `create` leaves behind is re-parented to us, and its exit status (the
-    container's, by contract) can be read with waitpid."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    yield
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
-    # Orphans re-parented to us that no test waited for (a killed monitor's
-    # helpers): no zombies left behind. Every subprocess.run has finished.
-    while True:
-        try:
-            if os.waitpid(-1, os.WNOHANG)[0] == 0:
-                time.sleep(0.2)
-                if os.waitpid(-1, os.WNOHANG)[0] == 0:
-                    break
-        except ChildProcessError:
-            break
-
-
-@pytest.fixture(autouse=True)
-def force_delete_leftovers(tmp_path):
-    """A test that fails half-way must not leave its container's VM running."""
-    yield
-    root = tmp_path / "root"
-    for container_id in StateStore(root).list_ids():
-        cli(root, "delete", "--force", container_id)
 
 
 def reap(pid: int, timeout: float = 30) -> int:

@@ -21,8 +21,8 @@ import pytest
 
 from kata_py.errors import ConfigError
 from kata_py.oci.state import validate_id
-from tests.conftest import KATA, RUN_DIR, qemu_processes_under
-from tests.oci_helpers import monitors_under
+from tests.conftest import RUN_DIR, qemu_processes_under
+from tests.oci_helpers import cli, monitors_under
 
 BASE = {"ociVersion": "1.0.2", "process": {"args": ["/bin/true"], "cwd": "/", "env": ["PATH=/bin"],
                                            "user": {"uid": 0, "gid": 0}},
@@ -74,12 +74,8 @@ class Env:
                 "dir": names(self.tmp)}
 
     def cli(self, *args, log: bool = True) -> subprocess.CompletedProcess:
-        argv = KATA + ["--root", str(self.root)]
-        if log:
-            argv += ["--log", str(self.log), "--log-format", "json"]
-        env = dict(os.environ, TMPDIR=str(self.private_tmp))
-        return subprocess.run(argv + [str(a) for a in args], stdin=subprocess.DEVNULL, capture_output=True,
-                              timeout=120, env=env, cwd=self.tmp)
+        return cli(self.root, *args, log=self.log if log else None, env=dict(os.environ, TMPDIR=str(self.private_tmp)),
+                   cwd=self.tmp)
 
 
 @pytest.fixture

@@ -19,9 +19,9 @@ from kata_py.sandbox import pool
 from kata_py.sandbox.pool_wire import decode, encode, recv_line
 from tests.bundles import make_bundle
 from tests.conftest import RUN_DIR, qemu_processes_under
-from tests.oci_helpers import assert_nothing_left, cli, reap, subreaper  # noqa: F401
+from tests.oci_helpers import assert_nothing_left, cli, reap
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("subreaper")]
 
 POOL = 2
 # A VM-wide kernel setting (no namespace holds it): it would survive into the

@@ -37,7 +37,7 @@ from kata_py.oci.share import sandbox_dir_for
 from tests.bundles import make_bundle
 from tests.conftest import KATA
 from tests.leaks import LeakChecker
-from tests.network_helpers import namespaces  # noqa: F401 (fixture)
+from tests.oci_helpers import cli
 
 pytestmark = pytest.mark.vm
 
@@ -55,11 +55,6 @@ ROOT_SIZE = "8m"            # the tmpfs mounted as --root; filled for disk-full
 WATCHER = ("(while [ ! -e /panic ]; do sleep 0.2; done; echo c > /proc/sysrq-trigger) "
            "</dev/null >/dev/null 2>&1 &")
 INIT = "touch /started; exec sleep 100000"
-
-
-def run_cli(root: Path, *args, env: dict | None = None, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess:
-    return subprocess.run(KATA + ["--root", str(root), *map(str, args)], stdin=subprocess.DEVNULL,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout, env=env)
 
 
 def assert_clear(result, what: str, allow_ok: bool = True) -> str:
@@ -163,7 +158,7 @@ class Trial:
         self.filler = self.root / "filler"
 
     def cli(self, *args) -> subprocess.CompletedProcess:
-        return run_cli(self.root, *args, env=self.env)
+        return cli(self.root, *args, env=self.env, timeout=CLI_TIMEOUT)
 
     def popen(self, name: str, *args) -> subprocess.Popen:
         """A CLI call left running, its output in files (a create's monitor inherits them)."""
@@ -434,7 +429,7 @@ def plan_trials() -> tuple[int, list[tuple[str, str]], list[bool], list[float]]:
     return seed, plan, [rng.random() < 0.25 for _ in plan], [round(rng.uniform(0, BOOT_WINDOW), 1) for _ in plan]
 
 
-def test_random_faults(tmp_path, namespaces):  # noqa: F811
+def test_random_faults(tmp_path, namespaces):
     seed, plan, use_netns, delays = plan_trials()
     print(f"fault trials: {len(plan)}, seed {seed} (replay: KATA_PY_FAULT_SEED={seed} "
           f"KATA_PY_FAULT_TRIALS={len(plan)})", flush=True)
@@ -469,6 +464,6 @@ def test_foreground_run_ends_clearly_when_its_vm_dies(tmp_path, fault):
     assert result.returncode != 0, result
     if err.strip():
         assert_clear(result, f"foreground run x {fault}", allow_ok=False)
-    assert_clear(run_cli(root, "list"), "list after the run")
+    assert_clear(cli(root, "list", timeout=CLI_TIMEOUT), "list after the run")
     (bundle / "rootfs" / "started").unlink()
     checker.assert_clean(before)

@@ -12,14 +12,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from kata_py.harness import catalog
 from kata_py.oci.busybox import DEFAULT_MOUNTS, make_busybox_rootfs
-from tests.conftest import KATA, RUN_DIR, qemu_processes_under
+from tests.conftest import RUN_DIR, qemu_processes_under
+from tests.oci_helpers import cli
 
 pytestmark = pytest.mark.vm
 
@@ -42,8 +42,7 @@ def harness(base: Path, *args: str) -> dict:
     tmp = base / "tmp"
     tmp.mkdir(parents=True)
     env = dict(os.environ, TMPDIR=str(tmp))
-    result = subprocess.run(KATA + ["harness", "run", "--json", *args], capture_output=True, env=env,
-                            stdin=subprocess.DEVNULL, timeout=900)
+    result = cli(None, "harness", "run", "--json", *args, env=env, timeout=900)
     assert result.returncode == 0, result.stderr.decode()
     report = json.loads(result.stdout)
     assert sorted(p.name for p in tmp.iterdir()) == [], "the harness left its work directory"

@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 
 from tests.bundles import make_bundle
-from tests.conftest import KATA
-from tests.network_helpers import Namespaces, namespaces, snapshot  # noqa: F401
-from tests.oci_helpers import assert_nothing_left, force_delete_leftovers, reap, subreaper  # noqa: F401
+from tests.network_helpers import Namespaces, snapshot
+from tests.oci_helpers import assert_nothing_left, cli, reap
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
+              pytest.mark.usefixtures("subreaper", "force_delete_leftovers")]
 
 NAMESPACES = [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}, {"type": "uts"}]
 
@@ -65,15 +65,6 @@ def bundle_with(directory: Path, netns_path: str | None) -> Path:
     return make_bundle(directory, ["sleep", "1000"], linux={"namespaces": NAMESPACES + [network]})
 
 
-def kata_in(ns: str, root: Path, *args, out: Path) -> subprocess.CompletedProcess:
-    """kata-py started inside `ns`, stdio to a file (a create hands it to the container)."""
-    errors = out.with_suffix(".err")
-    with open(out, "wb") as sink, open(errors, "wb") as err:
-        result = inside(ns, *KATA, "--root", root, *args, stdout=sink, stderr=err)
-    result.stderr = errors.read_bytes()
-    return result
-
-
 def refused_once(result: subprocess.CompletedProcess, *needles: str) -> str:
     lines = result.stderr.decode().strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("kata-py: "), \
@@ -97,12 +88,12 @@ def test_the_runtimes_own_namespace_is_refused_under_every_name(namespaces, tmp_
         before = tc_view(host)
         for number, path in enumerate(names):
             bundle = bundle_with(tmp_path / f"b{number}", path)
-            result = kata_in(host, root, "create", "--bundle", bundle, f"c{number}", out=tmp_path / "out")
+            result = cli(root, "create", "--bundle", bundle, f"c{number}", netns=host, io=tmp_path / "out", timeout=300)
             refused_once(result, f"network namespace {path} is kata-py's own", "off its network")
             assert tc_view(host) == before, path
             assert_nothing_left(root)
         # `run` takes the same path as create.
-        result = kata_in(host, root, "run", "--bundle", tmp_path / "b0", "r0", out=tmp_path / "out")
+        result = cli(root, "run", "--bundle", tmp_path / "b0", "r0", netns=host, io=tmp_path / "out", timeout=300)
         refused_once(result, "kata-py's own")
         assert tc_view(host) == before
         assert_nothing_left(root)
@@ -119,10 +110,11 @@ def test_a_namespace_another_vm_carries_is_refused(namespaces, tmp_path):
     root = tmp_path / "root"
     original = snapshot(pod)
     bundle = bundle_with(tmp_path / "first", f"/run/netns/{pod}")
-    result = kata_in(host, root, "create", "--bundle", bundle, "first", out=tmp_path / "out")
+    result = cli(root, "create", "--bundle", bundle, "first", netns=host, io=tmp_path / "out", timeout=300)
     assert result.returncode == 0, result.stderr
-    assert kata_in(host, root, "state", "first", out=tmp_path / "state").returncode == 0
-    state = json.loads((tmp_path / "state").read_text())
+    result = cli(root, "state", "first", netns=host)
+    assert result.returncode == 0, result.stderr
+    state = json.loads(result.stdout)
     # The container's pid (its monitor) lives in the namespace it carries, as
     # a runc container's init would: clients read the pod's network from it.
     assert os.stat(f"/proc/{state['pid']}/ns/net").st_ino == os.stat(f"/run/netns/{pod}").st_ino
@@ -131,12 +123,12 @@ def test_a_namespace_another_vm_carries_is_refused(namespaces, tmp_path):
     assert "kp-tap0" in [link[1] for link in carrying["links"]]
 
     second = bundle_with(tmp_path / "second", f"/run/netns/{pod}")
-    result = kata_in(host, root, "create", "--bundle", second, "second", out=tmp_path / "out")
+    result = cli(root, "create", "--bundle", second, "second", netns=host, io=tmp_path / "out", timeout=300)
     refused_once(result, f"network namespace /run/netns/{pod} is carried by another kata-py VM")
     assert snapshot(pod) == carrying
     assert sorted(p.name for p in root.iterdir()) == ["first"]
 
-    result = kata_in(host, root, "delete", "--force", "first", out=tmp_path / "out")
+    result = cli(root, "delete", "--force", "first", netns=host, io=tmp_path / "out", timeout=300)
     assert result.returncode == 0, result.stderr
     reap(state["pid"])
     assert snapshot(pod) == original

@@ -21,14 +21,14 @@ import pytest
 from kata_py.network import RECORD_NAME, NamespaceCarried, attach, detach_recorded
 from kata_py.network.netns import Netns
 from tests.bundles import make_bundle
-from tests.network_helpers import _ipr, connect_until, link_names, namespaces, snapshot  # noqa: F401
-from tests.oci_helpers import (assert_nothing_left, cli, force_delete_leftovers,  # noqa: F401
-                               monitors_under, reap, subreaper)
+from tests.network_helpers import _ipr, connect_until, link_names, snapshot
+from tests.oci_helpers import assert_nothing_left, cli, monitors_under, reap
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "agent"))
 from kata_agent.network import Network  # noqa: E402
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
+              pytest.mark.usefixtures("subreaper", "force_delete_leftovers")]
 
 # Echoed through two TCG guests (each byte crosses both guests' stacks twice and
 # a busybox relay): 16 MiB took ~20 s per direction on a quiet 2-core host, the

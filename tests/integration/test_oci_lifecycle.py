@@ -20,20 +20,9 @@ import pytest
 
 from tests.bundles import make_bundle
 from tests.conftest import RUN_DIR, qemu_processes_under
-from tests.oci_helpers import (MONITOR, assert_nothing_left, cli, cmdline, force_delete_leftovers,  # noqa: F401
-                               monitors_under, reap, subreaper)
+from tests.oci_helpers import MONITOR, assert_nothing_left, cli, cmdline, reap
 
-pytestmark = pytest.mark.vm
-
-
-
-def detached(root: Path, logs: Path, *args) -> subprocess.CompletedProcess:
-    logs.mkdir(parents=True, exist_ok=True)
-    with open(logs / "stdout", "ab") as out, open(logs / "stderr", "ab") as err:
-        result = cli(root, *args, stdout=out, stderr=err)
-    result.stdout = (logs / "stdout").read_bytes()
-    result.stderr = (logs / "stderr").read_bytes()
-    return result
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("subreaper", "force_delete_leftovers")]
 
 
 def state_of(root: Path, container_id: str) -> dict:
@@ -74,7 +63,7 @@ def test_lifecycle(tmp_path):
     pid_file = tmp_path / "container.pid"
     logs = tmp_path / "io"
 
-    result = detached(root, logs, "create", "--bundle", bundle, "--pid-file", pid_file, "c1")
+    result = cli(root, "create", "--bundle", bundle, "--pid-file", pid_file, "c1", io=logs)
     assert result.returncode == 0, result.stderr
     state = state_of(root, "c1")
     assert state["status"] == "created" and state["id"] == "c1"
@@ -176,7 +165,7 @@ def test_bad_input(tmp_path):
 
     # containerd's runc shim reads the last JSON error line of --log.
     log = tmp_path / "log.json"
-    result = cli(root, "--log", log, "--log-format", "json", "state", "nope")
+    result = cli(root, "state", "nope", log=log)
     one_error_line(result, "does not exist")
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert records and records[-1]["level"] == "error" and "container does not exist" in records[-1]["msg"]
@@ -189,11 +178,11 @@ def test_json_log_holds_only_json_lines(tmp_path):
     of --log: the container's monitor writes to that file too, and in JSON."""
     root, bundle = tmp_path / "root", make_bundle(tmp_path / "bundle", ["sh", "-c", "exit 0"])
     log = tmp_path / "log.json"
-    result = detached(root, tmp_path / "io", "--log", log, "--log-format", "json", "create", "--bundle", bundle, "j1")
+    result = cli(root, "create", "--bundle", bundle, "j1", io=tmp_path / "io", log=log)
     assert result.returncode == 0, result.stderr
-    assert cli(root, "--log", log, "--log-format", "json", "start", "j1").returncode == 0
+    assert cli(root, "start", "j1", log=log).returncode == 0
     wait_status(root, "j1", "stopped")
-    assert cli(root, "--log", log, "--log-format", "json", "delete", "j1").returncode == 0
+    assert cli(root, "delete", "j1", log=log).returncode == 0
     lines = log.read_text().splitlines()
     assert any("monitor_started" in line for line in lines), lines[:5]     # the monitor did write here
     records = [json.loads(line) for line in lines]
@@ -204,13 +193,15 @@ def test_json_log_holds_only_json_lines(tmp_path):
 def test_duplicate_id_and_force_delete(tmp_path):
     root, bundle = tmp_path / "root", make_bundle(tmp_path / "bundle", ["sleep", "1000"])
     other = make_bundle(tmp_path / "other", ["true"])
-    result = detached(root, tmp_path / "io", "create", "--bundle", bundle, "d1")
+    result = cli(root, "create", "--bundle", bundle, "d1", io=tmp_path / "io")
     assert result.returncode == 0, result.stderr
     first = json.loads((root / "d1" / "state.json").read_text())
 
     # A second container with the same id is refused and the first is untouched.
-    one_error_line(detached(root, tmp_path / "io2", "create", "--bundle", other, "d1"), "container with given ID already exists")
-    one_error_line(detached(root, tmp_path / "io3", "run", "--bundle", other, "d1"), "container with given ID already exists")
+    one_error_line(cli(root, "create", "--bundle", other, "d1", io=tmp_path / "io2"),
+                   "container with given ID already exists")
+    one_error_line(cli(root, "run", "--bundle", other, "d1", io=tmp_path / "io3"),
+                   "container with given ID already exists")
     state = state_of(root, "d1")
     assert (state["status"], state["pid"], state["bundle"]) == ("created", first["pid"], str(bundle.resolve()))
     assert is_live_monitor(first["pid"])
@@ -241,7 +232,7 @@ def box(tmp_path_factory):
     base = tmp_path_factory.mktemp("box")
     root, bundle = base / "root", make_bundle(base / "bundle", ["sh", "-c", "echo started; exec sleep 1000"])
     pid_file = base / "pid"
-    result = detached(root, base / "io", "run", "--detach", "--bundle", bundle, "--pid-file", pid_file, "box")
+    result = cli(root, "run", "--detach", "--bundle", bundle, "--pid-file", pid_file, "box", io=base / "io")
     assert result.returncode == 0, result.stderr
     box = {"root": root, "bundle": bundle, "pid": int(pid_file.read_text()), "base": base,
            "state": json.loads((root / "box" / "state.json").read_text())}
@@ -288,8 +279,8 @@ def test_exec_attached(box):
 def test_exec_detached(box, tmp_path):
     pid_file = tmp_path / "exec.pid"
     started = time.monotonic()
-    result = detached(box["root"], tmp_path / "io", "exec", "--detach", "--pid-file", pid_file, "box",
-                      "sh", "-c", "sleep 2; echo done > /tmp/exec-done; exit 5")
+    result = cli(box["root"], "exec", "--detach", "--pid-file", pid_file, "box",
+                 "sh", "-c", "sleep 2; echo done > /tmp/exec-done; exit 5", io=tmp_path / "io")
     assert result.returncode == 0, result.stderr
     assert time.monotonic() - started < 10  # it returns once the process runs, not when it ends
     pid = int(pid_file.read_text())
@@ -356,7 +347,7 @@ def test_hooks_ps_and_kill_all(tmp_path):
                                 "startContainer": [{"path": "/bin/sh", "args": [
                                     "sh", "-c", "cat > /startContainer.json"], "timeout": 60}]})
     logs = tmp_path / "logs"
-    assert detached(root, logs, "create", "--bundle", bundle, "h1").returncode == 0
+    assert cli(root, "create", "--bundle", bundle, "h1", io=logs).returncode == 0
     created = json.loads((out / "prestart.json").read_text())
     assert created["id"] == "h1" and created["status"] == "created" and created["bundle"] == str(bundle)
     assert (out / "createRuntime.json").exists() and not (out / "poststart.json").exists()
@@ -394,7 +385,7 @@ def test_hooks_ps_and_kill_all(tmp_path):
 def test_dead_vm_reads_as_stopped_and_delete_cleans_up(tmp_path):
     root = tmp_path / "root"
     bundle = make_bundle(tmp_path / "bundle", ["sleep", "1000"])
-    assert detached(root, tmp_path / "logs", "run", "--detach", "--bundle", bundle, "dead1").returncode == 0
+    assert cli(root, "run", "--detach", "--bundle", bundle, "dead1", io=tmp_path / "logs").returncode == 0
     qemus = qemu_processes_under(RUN_DIR)
     assert qemus
     for pid in qemus:
@@ -408,7 +399,7 @@ def test_failing_start_container_hook_stops_the_container(tmp_path):
     root = tmp_path / "root"
     bundle = make_bundle(tmp_path / "bundle", ["sleep", "1000"], hooks={"startContainer": [
         {"path": "/bin/sh", "args": ["sh", "-c", "exit 3"], "timeout": 60}]})
-    assert detached(root, tmp_path / "logs", "create", "--bundle", bundle, "sh1").returncode == 0
+    assert cli(root, "create", "--bundle", bundle, "sh1", io=tmp_path / "logs").returncode == 0
     one_error_line(cli(root, "start", "sh1"), "startContainer hook /bin/sh failed", "exit status 3")
     wait_status(root, "sh1", "stopped")
     assert cli(root, "delete", "sh1").returncode == 0

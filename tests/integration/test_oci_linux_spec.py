@@ -9,17 +9,15 @@ proves that exec joins every namespace the init made.
 
 from __future__ import annotations
 
-import json
 import os
 import stat
-from pathlib import Path
 
 import pytest
 
 from tests.bundles import DEFAULT_MOUNTS, make_bundle
-from tests.oci_helpers import assert_nothing_left, cli, subreaper  # noqa: F401
+from tests.oci_helpers import assert_nothing_left, cli
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("subreaper")]
 
 HOST_UID = 1000  # container uid 0 is this uid in the guest (and on the shared files)
 INIT = "echo init-ready; exec sleep 1000"

@@ -17,9 +17,9 @@ import pytest
 
 from tests.agent_child import cap_hex, cap_mask, status_fields
 from tests.bundles import DEFAULT_MOUNTS, make_bundle
-from tests.oci_helpers import assert_nothing_left, cli, subreaper  # noqa: F401
+from tests.oci_helpers import assert_nothing_left, cli
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("subreaper")]
 
 UID, GID, GROUPS = 1000, 1000, [2000, 3000]
 CAPS = {"bounding": ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_KILL", "CAP_NET_BIND_SERVICE", "CAP_NET_RAW"],

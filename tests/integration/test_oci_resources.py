@@ -27,10 +27,8 @@ def limited(tmp_path_factory, image):
         "namespaces": [{"type": "mount"}],
         "resources": {"memory": {"limit": 64 * MIB}, "pids": {"limit": 64},
                       "cpu": {"shares": 512, "quota": 50000, "period": 100000}}})
-    with open(tmp / "out", "wb") as out:
-        result = subprocess.run(KATA + ["--root", str(root), "run", "--detach", "--bundle", str(bundle), "lim"],
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=out, timeout=300)
-    assert result.returncode == 0, (tmp / "out").read_text()
+    result = cli(root, "run", "--detach", "--bundle", bundle, "lim", io=tmp / "io", timeout=300)
+    assert result.returncode == 0, result.stderr
     yield root
     cli(root, "delete", "--force", "lim")
 
@@ -57,8 +55,7 @@ def test_update_changes_limits_live(limited):
     assert cli(limited, "update", "--pids-limit", "100", "--cpu-quota", "20000", "lim").returncode == 0
     assert read(limited, "/sys/fs/cgroup/pids.max", "/sys/fs/cgroup/cpu.max") == ["100", "20000 100000"]
     resources = json.dumps({"pids": {"limit": 90}})
-    result = subprocess.run(KATA + ["--root", str(limited), "update", "--resources", "-", "lim"],
-                            input=resources.encode(), capture_output=True, timeout=120)
+    result = cli(limited, "update", "--resources", "-", "lim", input=resources.encode())
     assert result.returncode == 0, result.stderr
     assert read(limited, "/sys/fs/cgroup/pids.max") == ["90"]
     # Beyond the VM's memory: refused clearly, nothing changed.

@@ -22,9 +22,9 @@ import pytest
 
 from tests.bundles import make_bundle
 from tests.conftest import KATA
-from tests.oci_helpers import assert_nothing_left, cli, force_delete_leftovers, reap, subreaper  # noqa: F401
+from tests.oci_helpers import assert_nothing_left, cli, reap
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("subreaper", "force_delete_leftovers")]
 
 MIB = 1 << 20
 

@@ -20,6 +20,7 @@ import pytest
 
 from tests.bundles import make_bundle
 from tests.conftest import KATA
+from tests.oci_helpers import cli
 
 pytestmark = pytest.mark.vm
 
@@ -74,12 +75,8 @@ class Runtime:
 
     def __call__(self, *args, timeout: float = 120) -> subprocess.CompletedProcess:
         # A create leaves its container holding its stdio: files, not pipes we wait on.
-        self.logs.mkdir(parents=True, exist_ok=True)
-        err_path = self.logs / "stderr"
-        with open(self.logs / "stdout", "wb") as out, open(err_path, "wb") as err:
-            result = subprocess.run(self.argv + ["--root", str(self.root), *args], stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=err, timeout=timeout)
-        result.stderr = err_path.read_text()
+        result = cli(self.root, *args, io=self.logs, runtime=self.argv, timeout=timeout)
+        result.stderr = result.stderr.decode()
         return result
 
     def expand(self, args: list[str]) -> list[str]:
@@ -90,8 +87,7 @@ class Runtime:
         assert result.returncode == 0, (self.name, args, result.stderr)
 
     def status(self, container_id: str) -> str:
-        result = subprocess.run(self.argv + ["--root", str(self.root), "state", container_id],
-                                capture_output=True, timeout=60)
+        result = cli(self.root, "state", container_id, runtime=self.argv, timeout=60)
         return json.loads(result.stdout)["status"] if result.returncode == 0 else "?"
 
     def prepare(self, sleeper: Path, quitter: Path) -> None:

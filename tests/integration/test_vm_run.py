@@ -2,12 +2,17 @@
 
 import hashlib
 import os
+from functools import partial
 
 import pytest
 
-from tests.conftest import RUN_DIR, kata, qemu_processes_under
+from tests.conftest import RUN_DIR, qemu_processes_under
+from tests.oci_helpers import cli
 
 pytestmark = pytest.mark.vm
+
+# `kata-py ARGS...` without --root: `vm run` boots a VM per command.
+kata = partial(cli, None, timeout=300)
 
 
 def assert_nothing_left():
