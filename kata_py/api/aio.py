@@ -208,11 +208,24 @@ class AsyncEventStream:
         self.close()
 
 
+def _with_vm(record: dict) -> dict:
+    """The record with "vm": "pooled" or "booted" (a record read from a
+    dead owner's sandbox.json of an older owner may lack it: a pooled VM's run
+    directory is its standby's, so such a record has none)."""
+    record.setdefault("vm", "booted" if record.get("vm_run_dir") else "pooled")
+    return record
+
+
 class AsyncSandbox:
-    """One VM that holds containers. `async with AsyncSandbox(memory="256M", cpus=1) as sb:`"""
+    """One VM that holds containers. `async with AsyncSandbox(memory="256M", cpus=1) as sb:`
+
+    `pool`: when a VM factory runs (`kata-py factory start`), claim a pooled
+    VM of at least this size instead of booting one (it serves this sandbox
+    only and is destroyed with it); `pool=False` always boots a fresh VM.
+    The record says which: `info()["vm"]` is "pooled" or "booted"."""
 
     def __init__(self, memory: Size = "256M", cpus: int = 1, *, boot_timeout: float = BOOT_TIMEOUT,
-                 log_level: str = "INFO") -> None:
+                 log_level: str = "INFO", pool: bool = True) -> None:
         mib = parse_size(memory, "memory") >> 20     # an int is bytes, as everywhere in this API
         if mib < MIN_MEMORY_MIB:
             raise InvalidRequest(f"memory {memory!r}: a sandbox needs at least {MIN_MEMORY_MIB} MiB", "invalid")
@@ -222,6 +235,7 @@ class AsyncSandbox:
         self.cpus = cpus
         self.boot_timeout = boot_timeout
         self.log_level = log_level
+        self.pool = bool(pool)
         self.id = secrets.token_hex(6)
         self.record: dict = {}
         self._process: Optional[asyncio.subprocess.Process] = None
@@ -240,13 +254,14 @@ class AsyncSandbox:
         await self.close()
 
     async def start(self) -> "AsyncSandbox":
-        """Start the owner and boot the VM; returns once containers can be made."""
+        """Start the owner and boot the VM (or claim a pooled one); returns once containers can be made."""
         if self._process is not None:
             raise Conflict("this sandbox was started already", "state")
-        self._process, self._client = await spawn_owner(self.id, self.memory_mib, self.cpus, self.log_level)
+        self._process, self._client = await spawn_owner(self.id, self.memory_mib, self.cpus, self.log_level,
+                                                        pool=self.pool)
         self._client.add_listener(self._dispatch)
         try:
-            self.record = await self._client.request("ready", timeout=self.boot_timeout)
+            self.record = _with_vm(await self._client.request("ready", timeout=self.boot_timeout))
             await self._client.request("subscribe")
         except (OwnerRequestError, OwnerConnectionError) as exc:
             reason = await self._abandon()
@@ -362,8 +377,8 @@ class AsyncSandbox:
             raise SandboxGone(await asyncio.shield(self._loss)) from exc
 
     async def info(self) -> dict:
-        """The sandbox record: id, VM, owner and QEMU pids, containers."""
-        self.record = await self._request("info")
+        """The sandbox record: id, VM ("vm": "pooled" or "booted"), owner and QEMU pids, containers."""
+        self.record = _with_vm(await self._request("info"))
         return self.record
 
     async def containers(self) -> list[ContainerInfo]:

@@ -101,11 +101,15 @@ class Sandbox:
 
     The sandbox ends with `close()` (the `with` block), or when this process
     exits or dies, whichever comes first; it leaves nothing behind.
+
+    With a VM factory running it claims a pooled VM of a fitting size
+    instead of booting one (`pool=False`: always boot); `info()["vm"]` says
+    "pooled" or "booted".
     """
 
     def __init__(self, memory: Size = "256M", cpus: int = 1, *, boot_timeout: float = BOOT_TIMEOUT,
-                 log_level: str = "INFO") -> None:
-        self._async = AsyncSandbox(memory, cpus, boot_timeout=boot_timeout, log_level=log_level)
+                 log_level: str = "INFO", pool: bool = True) -> None:
+        self._async = AsyncSandbox(memory, cpus, boot_timeout=boot_timeout, log_level=log_level, pool=pool)
         self._loop: Optional[_Loop] = None
 
     def __enter__(self) -> "Sandbox":
@@ -124,7 +128,7 @@ class Sandbox:
         return self._loop.run(coro)
 
     def start(self) -> "Sandbox":
-        """Start its owner and boot its VM (seconds under TCG)."""
+        """Start its owner and boot its VM (seconds under TCG), or claim a pooled one."""
         if self._loop is not None:
             return self
         loop = _Loop()

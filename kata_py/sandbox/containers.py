@@ -151,9 +151,11 @@ def _security(args: dict) -> dict:
 class Containers:
     """The owner's table of containers in its one VM."""
 
-    def __init__(self, sandbox: SandboxHandle, export: ContainerShare, publish, lost, changed) -> None:
-        self.sandbox = sandbox          # kata_py.sandbox.sandbox.Sandbox, booted
+    def __init__(self, sandbox: SandboxHandle, export: ContainerShare, publish, lost, changed,
+                 mount_tag: str = TAG) -> None:
+        self.sandbox = sandbox          # booted (sandbox.Sandbox) or claimed from the pool (pool.PooledSandbox)
         self.export = export
+        self.mount_tag = mount_tag      # the export's 9p tag: TAG, or "rootfs" in a pooled VM
         self.publish = publish          # publish(event dict)
         self.lost = lost                # lost(reason): the agent connection broke
         self.changed = changed          # changed(): rewrite the sandbox record
@@ -312,7 +314,7 @@ class Containers:
             created = False
             try:
                 self.export.add(args["rootfs"], readonly=bool(args.get("readonly")), name=container.entry)
-                spec = {"container_id": name, "mount_tag": TAG, "rootfs_path": container.entry,
+                spec = {"container_id": name, "mount_tag": self.mount_tag, "rootfs_path": container.entry,
                         "readonly": bool(args.get("readonly")), "hostname": args.get("hostname", name),
                         "resources": args.get("resources", {}),
                         "namespaces": sorted(set(args.get("namespaces", DEFAULT_NAMESPACES)) | {"mount"}),

@@ -1,8 +1,11 @@
 """The sandbox owner: one process that owns one VM for the sandbox's life.
 
-    python -m kata_py.sandbox.owner --id ID [--memory-mib N] [--cpus N] [--control-fd FD]
+    python -m kata_py.sandbox.owner --id ID [--memory-mib N] [--cpus N] [--control-fd FD] [--pool]
 
-It boots the VM (kata_py.sandbox.sandbox.Sandbox), holds any number of
+It boots the VM (kata_py.sandbox.sandbox.Sandbox), or, with --pool and a VM
+factory running, claims a pooled VM of at least that size instead
+(kata_py.sandbox.pool: a VM that serves this one sandbox and that its
+standby destroys when the claim connection closes), holds any number of
 containers in it (containers.py), and serves requests from other processes
 on a Unix socket, `<run_dir()>/sb-<ID>/owner.sock` (0600), in the agent
 protocol's frames with schemas of its own (owner_protocol.py). Handlers
@@ -13,7 +16,10 @@ QEMU's pids with their start times, and the containers (record.py).
 
 It runs in a mount namespace of its own, entered before any thread exists:
 the binds of the containers' rootfs into the VM's 9p export live there and
-die with it (and with QEMU, which shares it), however the owner ends.
+die with it (and with QEMU, which shares it), however the owner ends. With a
+pooled VM it is the standby's namespace, joined as early, and the export is
+the standby's share directory (9p tag "rootfs"), where each container gets
+an entry of its own beside the standby's; the standby removes the share.
 
 **Lifetime.** The sandbox ends, and the owner removes everything of it (the
 VM, its vsock back end, its host cgroups, the export and its binds, the run
@@ -53,7 +59,10 @@ from ..protocol.framing import FrameError, encode_frame, read_frame
 from ..protocol.schema import SchemaError
 from . import record as records
 from .containers import Containers, OwnerError
+from .pool import Claim
 from .share import TAG, ContainerShare, enter_private_mount_namespace
+
+POOL_TAG = "rootfs"     # the 9p tag of a pooled VM's share (kata_py/factory/standby.py)
 from .owner_protocol import DEFAULT_OUTPUT, MAX_FILE, MAX_FRAME, PROTOCOL_VERSION, check_request, error_reply
 
 log = logging.getLogger("kata_py.owner")
@@ -133,8 +142,10 @@ class Connection:
 
 
 class Owner:
-    def __init__(self, sandbox_id: str, memory_mib: int, cpus: int, control_fd: int | None = None) -> None:
+    def __init__(self, sandbox_id: str, memory_mib: int, cpus: int, control_fd: int | None = None,
+                 claimed: Claim | None = None) -> None:
         self.id = sandbox_id
+        self.claimed = claimed          # a pooled VM (its standby's mount namespace is ours already)
         self.memory_mib = memory_mib
         self.cpus = cpus
         self.control_fd = control_fd
@@ -157,15 +168,20 @@ class Owner:
     # -- the record ---------------------------------------------------------------
     def record(self) -> dict:
         sandbox = self.sandbox
-        machine = sandbox.machine if sandbox is not None else None
+        machine = sandbox.machine if sandbox is not None and self.claimed is None else None  # a pooled VM's is its standby's
         transport = sandbox.transport if sandbox is not None else None
         qemu_pid = machine.pid if machine is not None else None
         backend_pid = transport.backend_pid() if transport is not None else None
         vsock = transport.address() if transport is not None else None
+        pooled = self.claimed is not None
+        standby = {"standby_pid": self.claimed.pid,
+                   "standby_start": records.start_time(self.claimed.pid)} if pooled else {}
         return {
+            "vm": "pooled" if pooled else "booted", **standby,
             "id": self.id, "protocol": PROTOCOL_VERSION, "status": self.status,
-            "run_dir": str(self.dir), "socket": str(self.socket_path), "share_dir": str(self.dir / records.SHARE),
-            "vm_run_dir": str(records.vm_dir(self.id)),
+            "run_dir": str(self.dir), "socket": str(self.socket_path), "share_dir": str(self.export.path if self.export is not None else self.dir / records.SHARE),
+            # A pooled VM's run directory is its standby's, which removes it.
+            "vm_run_dir": None if pooled else str(records.vm_dir(self.id)),
             "owner_pid": os.getpid(), "owner_start": records.start_time(os.getpid()) or 0,
             "qemu_pid": qemu_pid, "qemu_start": records.start_time(qemu_pid) if qemu_pid else None,
             "backend_pid": backend_pid,
@@ -206,7 +222,10 @@ class Owner:
         self.booted.add_done_callback(lambda f: f.cancelled() or f.exception())
         boot = None
         try:
-            self.export = ContainerShare(self.dir / records.SHARE)
+            if self.claimed is not None:
+                self.export = ContainerShare(self.claimed.share_dir, existing=True)
+            else:
+                self.export = ContainerShare(self.dir / records.SHARE)
             self.save()
             await self._listen()
             boot = asyncio.ensure_future(self._boot())
@@ -258,14 +277,23 @@ class Owner:
 
     async def _boot(self) -> None:
         from ..image import ensure_image
+        from .pool import PooledSandbox
         from .sandbox import Sandbox, Share
 
         started = time.monotonic()
         try:
-            self.sandbox = Sandbox(ensure_image(progress=False), memory_mib=self.memory_mib, cpus=self.cpus,
-                                   run_dir=records.vm_dir(self.id), shares=[Share(TAG, self.export.path)],
-                                   name=f"kata-py-sb-{self.id}")
+            if self.claimed is not None:
+                self.sandbox = PooledSandbox(self.claimed)
+            else:
+                self.sandbox = Sandbox(ensure_image(progress=False), memory_mib=self.memory_mib, cpus=self.cpus,
+                                       run_dir=records.vm_dir(self.id), shares=[Share(TAG, self.export.path)],
+                                       name=f"kata-py-sb-{self.id}")
             await self.sandbox.start()
+            self.boot_seconds = round(time.monotonic() - started, 3)
+            self.containers = Containers(self.sandbox, self.export, self.publish, self._agent_lost, self.save,
+                                         mount_tag=POOL_TAG if self.claimed is not None else TAG)
+            self.status = "running"
+            self.save()
         except asyncio.CancelledError:
             self.booted.cancel()
             raise
@@ -274,18 +302,36 @@ class Owner:
             self.booted.set_exception(OwnerError("failed", f"the sandbox's VM did not boot: {exc}"))
             self.end(f"the sandbox's VM did not boot: {exc}", failed=True)
             return
-        self.boot_seconds = round(time.monotonic() - started, 3)
-        self.containers = Containers(self.sandbox, self.export, self.publish, self._agent_lost, self.save)
-        self.status = "running"
-        self.save()
         self.booted.set_result(None)
-        log.info("sandbox %s up in %.2f s", self.id, self.boot_seconds)
+        log.info("sandbox %s up in %.2f s (%s VM)", self.id, self.boot_seconds,
+                 "pooled" if self.claimed is not None else "booted")
         asyncio.ensure_future(self._watch_vm())
 
     async def _watch_vm(self) -> None:
+        if self.claimed is not None:
+            await self._watch_standby(self.claimed.pid)
+            return
         code = await self.sandbox.machine.process.wait()
         if not self.ending.is_set():
             self.end(f"the sandbox's VM exited unexpectedly (QEMU {describe_exit(code)})", failed=True)
+
+    async def _watch_standby(self, pid: int) -> None:
+        """A pooled VM's standby exits when its VM does (or is killed, which kills the VM)."""
+        loop = asyncio.get_running_loop()
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            fd = None
+        if fd is not None:
+            gone = loop.create_future()
+            loop.add_reader(fd, lambda: gone.done() or gone.set_result(None))
+            try:
+                await gone
+            finally:
+                loop.remove_reader(fd)
+                os.close(fd)
+        if not self.ending.is_set():
+            self.end("the sandbox's pooled VM ended unexpectedly (its standby exited)", failed=True)
 
     def _agent_lost(self, reason: str) -> None:
         if not self.ending.is_set():
@@ -312,8 +358,12 @@ class Owner:
                 await self.sandbox.stop()       # agent shutdown, QEMU's ladder, back end, VM run dir
             except Exception as exc:
                 log.error("stopping the VM: %s", exc)
+        elif self.claimed is not None:          # ended before its handle was made: let go of the claim
+            await asyncio.get_running_loop().run_in_executor(None, self.claimed.release)
         if self.export is not None:
-            self.export.close()                 # the binds (ours to undo here), then the directory
+            # The binds (ours to undo here), then the directory (a pooled VM's
+            # standby removed its own already, unless it had to be killed).
+            self.export.close()
         self.status = "stopped"
         for path in (self.dir / records.RECORD, self.socket_path):
             try:
@@ -489,6 +539,25 @@ def _setup_logging(log_path: Path, level: str) -> None:
                         format="%(asctime)s owner %(levelname)s %(name)s: %(message)s")
 
 
+def _claim(memory_mib: int, cpus: int) -> Claim | None:
+    """A pooled VM of at least this size, its standby's mount namespace
+    entered; None (boot one) when no factory runs or none fits."""
+    from .pool import claim
+
+    claimed = claim(memory_mib, cpus)
+    if claimed is None:
+        log.info("no pooled VM fits: booting one")
+        return None
+    try:
+        claimed.enter_mount_namespace()
+    except OSError as exc:
+        log.warning("cannot join the mount namespace of standby %d (%s): booting a VM instead", claimed.pid, exc)
+        claimed.release()
+        return None
+    log.info("using the pooled VM of standby %d", claimed.pid)
+    return claimed
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="kata-py-sandbox-owner")
     parser.add_argument("--id", required=True, help="the sandbox's id ([A-Za-z0-9_.-], at most 32)")
@@ -496,6 +565,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cpus", type=int, default=1)
     parser.add_argument("--control-fd", type=int, default=None,
                         help="a connected socket: the sandbox ends when it closes")
+    parser.add_argument("--pool", action="store_true",
+                        help="claim a pooled VM of at least this size when a VM factory runs; boot one otherwise")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     args = parser.parse_args(argv)
     if not all(c.isalnum() or c in "_.-" for c in args.id) or not 0 < len(args.id) <= 32:
@@ -509,15 +580,18 @@ def main(argv: list[str] | None = None) -> None:
     except FileExistsError:
         parser.error(f"sandbox {args.id} exists already ({directory})")
     _setup_logging(directory / records.LOG, args.log_level)
+    claimed = _claim(args.memory_mib, args.cpus) if args.pool else None
     try:
-        # Before any thread exists (unshare(CLONE_NEWNS) is refused to a threaded process).
-        enter_private_mount_namespace()
+        # Before any thread exists (unshare(CLONE_NEWNS) and setns(CLONE_NEWNS)
+        # are refused to a threaded process).
+        if claimed is None:
+            enter_private_mount_namespace()
     except OSError as exc:
         log.error("cannot make a mount namespace: %s", exc)
         (directory / records.LOG).unlink()
         directory.rmdir()
         sys.exit(1)
-    status = asyncio.run(Owner(args.id, args.memory_mib, args.cpus, args.control_fd).main())
+    status = asyncio.run(Owner(args.id, args.memory_mib, args.cpus, args.control_fd, claimed).main())
     sys.exit(status)
 
 

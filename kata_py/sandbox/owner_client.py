@@ -175,10 +175,11 @@ class OwnerClient:
             pass
 
 
-async def spawn_owner(sandbox_id: str, memory_mib: int, cpus: int,
-                      log_level: str = "INFO") -> tuple[asyncio.subprocess.Process, OwnerClient]:
+async def spawn_owner(sandbox_id: str, memory_mib: int, cpus: int, log_level: str = "INFO",
+                      pool: bool = False) -> tuple[asyncio.subprocess.Process, OwnerClient]:
     """Start an owner for a new sandbox, tied to this process by its control
-    connection; returns the owner process and a client on that connection."""
+    connection; returns the owner process and a client on that connection.
+    `pool`: the owner claims a pooled VM when a VM factory has one that fits."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     env = dict(os.environ)
     package_root = str(Path(__file__).resolve().parents[2])
@@ -187,6 +188,7 @@ async def spawn_owner(sandbox_id: str, memory_mib: int, cpus: int,
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "kata_py.sandbox.owner", "--id", sandbox_id, "--memory-mib", str(memory_mib),
             "--cpus", str(cpus), "--control-fd", str(theirs.fileno()), "--log-level", log_level,
+            *(["--pool"] if pool else []),
             pass_fds=[theirs.fileno()], stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             # Its own session: a terminal's ^C goes to the client, which then
             # closes the sandbox (or dies, which closes it too).

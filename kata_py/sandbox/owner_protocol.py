@@ -109,6 +109,9 @@ RECORD = _obj({
     "socket": _host_path,
     "share_dir": _host_path,
     "vm_run_dir": {"type": ["string", "null"], "maxLength": 4096},
+    "vm": {"enum": ["booted", "pooled"]},          # a pooled VM is its standby's (the factory's)
+    "standby_pid": {"type": ["integer", "null"], "minimum": 1},
+    "standby_start": {"type": ["integer", "null"], "minimum": 0},
     "owner_pid": {"type": "integer", "minimum": 1},
     "owner_start": _uint64,
     "qemu_pid": {"type": ["integer", "null"], "minimum": 1},

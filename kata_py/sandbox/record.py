@@ -7,6 +7,9 @@
     <run_dir()>/vm-<id>/                the VM's run directory (QEMU's sockets,
                                         console log; its host cgroups take its name)
 
+A sandbox on a pooled VM (`"vm": "pooled"`) names its standby instead of
+QEMU: the VM, its run directory and its 9p share are the standby's.
+
 It names the sandbox's processes with their start times (a pid alone may be
 reused), so that whoever finds the owner dead can end what is left and
 remove the rest: `clean_up_after(record)`.
@@ -108,6 +111,12 @@ def clean_up_after(record: dict, timeout: float = 5.0) -> None:
     last process in it. Idempotent; never touches a live owner's sandbox."""
     if same_process(record.get("owner_pid"), record.get("owner_start")):
         return
+    if record.get("vm") == "pooled":
+        # The VM, its run directory and its share are its standby's, which
+        # ends them once the owner's claim connection closes (with the owner).
+        _wait_gone(record.get("standby_pid"), record.get("standby_start"), timeout)
+        _remove_run_dir(Path(record["run_dir"]))
+        return
     for key in ("qemu", "backend"):
         _end(record.get(f"{key}_pid"), record.get(f"{key}_start"), timeout)
     vm_run_dir = record.get("vm_run_dir")
@@ -117,6 +126,16 @@ def clean_up_after(record: dict, timeout: float = 5.0) -> None:
         remove_host_cgroups(Path(vm_run_dir).name)
     run_dir = Path(record["run_dir"])
     remove_share_dir(Path(record.get("share_dir") or run_dir / SHARE))
+    _remove_run_dir(run_dir)
+
+
+def _wait_gone(pid: int | None, start: int | None, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while same_process(pid, start) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _remove_run_dir(run_dir: Path) -> None:
     for name in (RECORD, RECORD + ".tmp", SOCKET, LOG):
         try:
             (run_dir / name).unlink()

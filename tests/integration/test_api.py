@@ -321,3 +321,67 @@ def test_pytest_plugin_gives_a_test_a_sandbox(tmp_path, image):
                             cwd=tmp_path, capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout[-3000:] + result.stderr[-2000:]
+
+
+def _pool_vms() -> list[int]:
+    from tests.conftest import qemu_processes_under
+
+    return [pid for pid in qemu_processes_under(RUN_DIR)
+            if b"kata-py-pool-" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+@pytest.fixture
+def factory(subreaper):
+    """A VM factory of one 256 MiB VM (the API's default size), stopped after the test."""
+    import shutil
+
+    from kata_py.sandbox import pool
+    from tests.oci_helpers import cli
+
+    started = cli(Path("/nonexistent-root"), "factory", "start", "--size", "1", "--memory", "256",
+                  "--wait", "300", timeout=330)
+    assert started.returncode == 0, started.stderr
+    assert json.loads(started.stdout)["ready"] == 1
+    try:
+        yield pool
+    finally:
+        assert cli(Path("/nonexistent-root"), "factory", "stop").returncode == 0
+        deadline = time.monotonic() + 60
+        while _pool_vms() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _pool_vms() == []
+        shutil.rmtree(pool.factory_dir(), ignore_errors=True)  # its logs; nothing is mounted there any more
+
+
+def test_a_sandbox_claims_a_pooled_vm_when_a_factory_runs(factory, rootfs):
+    before = factory.request({"op": "status"})
+    with kata_py.Sandbox() as sandbox:
+        info = sandbox.info()
+        assert info["vm"] == "pooled" and info["qemu_pid"] is None, info
+        on_disk = records.read(records.sandbox_dir(sandbox.id))
+        assert on_disk["vm"] == "pooled"
+        assert records.same_process(on_disk["standby_pid"], on_disk["standby_start"])
+        assert factory.request({"op": "status"})["handed_out"] == before["handed_out"] + 1
+        share = Path(info["share_dir"])
+        a = sandbox.create_container("a", rootfs=rootfs["a"], args=["sh", "-c", "echo a > /mine; sleep 1000"])
+        b = sandbox.create_container("b", rootfs=rootfs["b"])
+        a.start()
+        b.start()
+        assert a.exec(["sh", "-c", "sleep 0.2; cat /mine"], timeout=30).stdout == b"a\n"
+        assert b.exec(["sh", "-c", "test -e /mine || echo own-files"], timeout=30).stdout == b"own-files\n"
+        once = sandbox.run(["echo", "once"], rootfs=rootfs["c"], timeout=30)
+        assert once.stdout == b"once\n" and once.exit_code == 0
+        assert [c.name for c in sandbox.containers()] == ["a", "b"]
+    _gone(sandbox)
+    # Nothing of that VM: its standby, its QEMU, its share and run directory.
+    assert not records.same_process(on_disk["standby_pid"], on_disk["standby_start"])
+    assert not share.exists() and not share.parent.exists(), list(share.parent.iterdir())
+    assert not records.same_process(info["owner_pid"], info["owner_start"])
+
+    # pool=False: a fresh boot, though the factory has (or is booting) a VM that fits.
+    with kata_py.Sandbox(pool=False) as sandbox:
+        info = sandbox.info()
+        assert info["vm"] == "booted" and info["qemu_pid"], info
+        assert sandbox.run(["echo", "booted"], rootfs=rootfs["c"], timeout=30).stdout == b"booted\n"
+    _gone(sandbox)
+    assert factory.request({"op": "status"})["handed_out"] == before["handed_out"] + 1
