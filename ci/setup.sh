@@ -30,13 +30,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   # No service starts while packages install (docker.io, containerd): a dockerd
   # started on the host would put its bridge and NAT rules in the host's network.
   # The tests start their own, each inside a private network namespace.
-  guard=""
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
-    guard=/usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT     # ours: gone however the install ends
   fi
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  [ -z "$guard" ] || rm -f "$guard"
 fi
 # The guest image builder downloads .debs with apt-get: it needs package lists.
 if ! apt-cache policy linux-image-amd64 2>/dev/null | grep -q 'Candidate: [0-9]'; then
