@@ -243,6 +243,7 @@ class AsyncSandbox:
         self._listeners: list[Callable[[Event], None]] = []
         self._loss: Optional[asyncio.Task] = None
         self._closing = False
+        self._owner_start: Optional[int] = None
         self.gone_reason: Optional[str] = None
 
     # -- life -----------------------------------------------------------------
@@ -259,6 +260,7 @@ class AsyncSandbox:
             raise Conflict("this sandbox was started already", "state")
         self._process, self._client = await spawn_owner(self.id, self.memory_mib, self.cpus, self.log_level,
                                                         pool=self.pool)
+        self._owner_start = records.start_time(self._process.pid)
         self._client.add_listener(self._dispatch)
         try:
             self.record = _with_vm(await self._client.request("ready", timeout=self.boot_timeout))
@@ -297,12 +299,24 @@ class AsyncSandbox:
 
     async def _reap_owner(self) -> None:
         """The owner ends by itself once its control connection is gone; one
-        that does not within SHUTDOWN_TIMEOUT is killed (its QEMU dies with it)."""
+        that does not within SHUTDOWN_TIMEOUT is killed (its QEMU dies with it).
+
+        Gone means gone from /proc, not only that asyncio reported an exit:
+        its child watcher reports 255 for a child that something else in this
+        program reaped, and the owner may then still be running."""
+        deadline = time.monotonic() + SHUTDOWN_TIMEOUT
         try:
             await asyncio.wait_for(self._process.wait(), SHUTDOWN_TIMEOUT)
         except asyncio.TimeoutError:
             self._process.kill()
             await self._process.wait()
+        pid, start = self._process.pid, self._owner_start
+        while records.same_process(pid, start):
+            if time.monotonic() >= deadline:
+                log.warning("sandbox owner %d outlived its reported exit: killing it", pid)
+                os.kill(pid, signals.SIGKILL)
+                deadline = time.monotonic() + SHUTDOWN_TIMEOUT
+            await asyncio.sleep(0.05)
 
     def _log_tail(self) -> str:
         try:
