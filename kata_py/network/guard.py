@@ -16,8 +16,9 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
+from .. import hostsys
 from .errors import NetworkError
-from .netns import Netns
+from .netns import CLONE_NEWNET, Netns
 from .scan import TAP_PREFIX
 
 # The namespaces that are the host's, as seen from the runtime: PID 1's, and
@@ -51,6 +52,32 @@ def network_entry(config: dict) -> tuple[bool, str | None]:
         if namespace.get("type") == "network":
             return True, namespace.get("path") or None
     return False, None
+
+
+class NewNamespace:
+    """A network namespace of its own for a process about to start (the
+    spec's `network` entry has no path); the counterpart of an open Netns."""
+
+    path = None
+
+    def enter(self) -> None:
+        """Between fork and exec, in the child (a preexec_fn)."""
+        hostsys.unshare(CLONE_NEWNET)
+
+    def close(self) -> None:
+        pass
+
+
+def monitor_namespace(config: dict) -> Netns | NewNamespace | None:
+    """Where a container's monitor lives, network-wise: the spec's namespace
+    (open, and refused when it is the host's or another VM carries it), a new
+    one when the entry has no path, or None (the runtime's own) when there is
+    no entry, and the guest then has loopback only. The monitor's pid is the
+    container's pid: clients read the pod's network from /proc/PID/ns/net."""
+    present, path = network_entry(config)
+    if path is not None:
+        return open_carriable(path)
+    return NewNamespace() if present else None
 
 
 def is_pod_sandbox(config: dict) -> bool:

@@ -14,6 +14,7 @@ import fcntl
 import os
 import threading
 
+from .. import hostsys
 from .errors import NetworkError
 
 CLONE_NEWNET = 0x40000000
@@ -41,6 +42,11 @@ class Netns:
             raise NetworkError(f"{path} is a namespace, but not a network namespace")
         info = os.fstat(self.fd)
         self.identity = (info.st_dev, info.st_ino)
+
+    def enter(self) -> None:
+        """Move the calling process into this namespace. Only for a process
+        with one thread: a child between fork and exec (a preexec_fn)."""
+        hostsys.setns(self.fd, CLONE_NEWNET)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -6,7 +6,6 @@ changes anything, and leaves nothing behind when it fails.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import pwd
@@ -143,54 +142,15 @@ def create(store: StateStore, container_id: str, bundle: str, pid_file: str | No
         raise ConfigError("config.json /process/terminal is true: --console-socket is required")
     if console_socket and not process.get("terminal"):
         raise ConfigError("--console-socket needs config.json /process/terminal to be true")
-    placement = _network_placement(config)
+    from ..network import monitor_namespace
+
+    placement = monitor_namespace(config)
     try:
         return _create(store, container_id, bundle_dir, config, rootfs, placement, pid_file, console_socket,
                        log_file, log_format, no_pivot)
     finally:
         if placement is not None:
             placement.close()
-
-
-def _network_placement(config: dict):
-    """Where the monitor lives, network-wise: the spec's namespace (refused
-    when it is the host's or another VM carries it), a new one when the spec's
-    entry has no path, or the runtime's own when there is no entry (the guest
-    then has loopback only). The monitor's pid is the container's pid, and
-    clients read the pod's network namespace from /proc/PID/ns/net."""
-    from ..network import network_entry, open_carriable
-
-    present, path = network_entry(config)
-    if path is not None:
-        return open_carriable(path)
-    return _NEW_NAMESPACE if present else None
-
-
-class _NewNamespace:
-    def close(self) -> None:
-        pass
-
-
-_NEW_NAMESPACE = _NewNamespace()
-
-
-def _enter_network(placement):
-    """The monitor's preexec: runs in the child between fork and exec."""
-    from ..network.netns import CLONE_NEWNET, _libc
-
-    if placement is None:
-        return None
-    if placement is _NEW_NAMESPACE:
-        def enter() -> None:
-            if _libc.unshare(CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
-    else:
-        fd = placement.fd
-
-        def enter() -> None:
-            if _libc.setns(fd, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), f"setns into {placement.path}")
-    return enter
 
 
 def _create(store: StateStore, container_id: str, bundle_dir, config: dict, rootfs, placement,
@@ -204,15 +164,12 @@ def _create(store: StateStore, container_id: str, bundle_dir, config: dict, root
         store.save(state)
         proc = None
         hooks = state.config_hooks
-        spawned: list[subprocess.Popen] = []
-
         def prestart(monitor: subprocess.Popen) -> None:
             # runc's order: the namespaces exist (the monitor's network namespace
             # is the container's), the process has not started, and the hooks
             # run in the runtime's namespaces with the monitor's pid. A hook may
             # put interfaces into /proc/PID/ns/net (Docker's does): the monitor
             # reads the namespace only after this.
-            spawned.append(monitor)
             hook_state = dict(state.oci_state(), status=Status.CREATED.value, pid=monitor.pid)
             run_hooks("prestart", hooks.get("prestart", []), hook_state)
             run_hooks("createRuntime", hooks.get("createRuntime", []), hook_state)
@@ -222,7 +179,8 @@ def _create(store: StateStore, container_id: str, bundle_dir, config: dict, root
             proc, report = spawn_monitor(
                 lambda fd, go_fd: _monitor_argv(str(store.root), container_id, fd, console_socket, log_file,
                                                 go_fd=go_fd, log_format=log_format),
-                preexec_fn=_enter_network(placement), prepare=prestart if has_hooks else None)
+                preexec_fn=placement.enter if placement is not None else None,
+                prepare=prestart if has_hooks else None)
             state.pid = proc.pid
             state.pid_start_time = process_start_time(proc.pid)
             state.run_dir = report["run_dir"]
@@ -233,10 +191,9 @@ def _create(store: StateStore, container_id: str, bundle_dir, config: dict, root
             if pid_file:
                 _write_pid_file(pid_file, proc.pid)
         except BaseException:
-            proc = proc or (spawned[0] if spawned else None)
             if proc is not None:
                 # The monitor reported a VM but create cannot finish (a full
-                # disk, a failing hook): end it, and what a SIGKILLed monitor
+                # disk, a pid file it cannot write): end it, and what a SIGKILLed monitor
                 # cannot remove itself (its QEMU and back end go with it).
                 _stop(proc)
                 if state.run_dir:

@@ -326,6 +326,15 @@ def test_pause_resume_then_force_delete_while_paused(box):
     assert_nothing_left(root)
 
 
+def test_a_failing_prestart_hook_fails_create_and_leaves_nothing(tmp_path):
+    """The hook runs while the monitor waits, before any VM: create ends with
+    the hook's error, and neither the monitor nor anything of it is left."""
+    root = tmp_path / "root"
+    bundle = make_bundle(tmp_path / "bundle", ["true"], hooks={"prestart": [{"path": "/bin/false"}]})
+    one_error_line(cli(root, "create", "--bundle", bundle, "p1", io=tmp_path / "io"), "prestart hook /bin/false")
+    assert_nothing_left(root)
+
+
 def test_hooks_ps_and_kill_all(tmp_path):
     """Hooks run on the host with the state on stdin; ps lists the container's
     guest processes; kill --all reaches every one of them."""
