@@ -19,7 +19,7 @@ from .common import Peers, summary
 # (phase, from-event, to-event), in order; "spawn" and "exit" are the bench's own clock.
 PHASES = [
     ("cli (python, imports)", "spawn", "cli_run"),
-    ("monitor + vsock backend up", "cli_run", "qemu_spawned"),
+    ("owner + vsock backend up", "cli_run", "qemu_spawned"),
     ("qemu init (to QMP)", "qemu_spawned", "qmp_ready"),
     ("firmware + kernel + python start", "qmp_ready", "agent_main"),
     ("agent init to listening", "agent_main", "agent_listening"),
@@ -29,8 +29,8 @@ PHASES = [
     ("init forked, held at the barrier", "streams_connected", "process_prepared"),
     ("create reported to the cli", "process_prepared", "cli_created"),
     ("start + process exited", "cli_created", "process_exited"),
-    ("torn down (VM gone)", "process_exited", "cli_monitor_exited"),
-    ("delete", "cli_monitor_exited", "cli_deleted"),
+    ("torn down (VM gone)", "process_exited", "cli_owner_exited"),
+    ("delete", "cli_owner_exited", "cli_deleted"),
     ("cli exit", "cli_deleted", "exit"),
 ]
 # The guest's clock (CLOCK_MONOTONIC) starts late in the kernel's boot and
@@ -57,11 +57,11 @@ def read_timing(log: Path, offset: int) -> tuple[list[dict], int]:
     return records, offset + len(data)
 
 
-# A start from the pool: no QEMU is launched; the monitor claims a booted VM.
+# A start from the pool: no QEMU is launched; the owner claims a booted VM.
 POOL_PHASES = [
     ("cli (python, imports)", "spawn", "cli_run"),
-    ("monitor process up (python, imports)", "cli_run", "monitor_started"),
-    ("pooled VM claimed", "monitor_started", "vm_claimed"),
+    ("owner process up (python, imports)", "cli_run", "owner_started"),
+    ("pooled VM claimed", "owner_started", "vm_claimed"),
     ("agent connected", "vm_claimed", "agent_ready"),
 ] + PHASES[next(i for i, (_, start, _) in enumerate(PHASES) if start == "agent_ready"):]
 

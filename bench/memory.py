@@ -75,7 +75,7 @@ def _kind(pid: int) -> str:
         return "qemu"
     if b"kata_py.vsock" in cmdline:
         return "vsock_backend"
-    if b"kata_py.oci.monitor" in cmdline:
+    if b"kata_py.sandbox.owner" in cmdline:
         return "monitor"
     return "other"
 

@@ -23,6 +23,8 @@ import threading
 import time
 from pathlib import Path
 
+from tests.oci_helpers import owned_container
+
 REPO = Path(__file__).resolve().parent.parent
 DAEMON_JSON = REPO / "contrib" / "docker" / "daemon.json"
 DOCKERD = "/usr/sbin/dockerd"
@@ -52,13 +54,6 @@ def _argv(pid: int) -> list[str]:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
     except OSError:
         return []
-
-
-def _option(argv: list[str], name: str) -> str | None:
-    for index, arg in enumerate(argv[:-1]):
-        if arg == name:
-            return argv[index + 1]
-    return None
 
 
 def _pids() -> list[int]:
@@ -200,10 +195,11 @@ class DockerNode:
         found = {}
         for pid in _pids():
             argv = _argv(pid)
-            if "kata_py.oci.monitor" not in argv:
+            owned = owned_container(argv)
+            if owned is None:
                 continue
-            root = _option(argv, "--root") or ""
-            if root.startswith(f"{self.exec_root}/") and container_id in (None, _option(argv, "--id")):
+            root, owned_id = owned
+            if root.startswith(f"{self.exec_root}/") and container_id in (None, owned_id):
                 found[pid] = argv
         return found
 
@@ -212,7 +208,7 @@ class DockerNode:
         state directory's parent), read from the container's monitor."""
         monitors = self.monitors(container_id)
         assert len(monitors) == 1, monitors
-        return Path(_option(next(iter(monitors.values())), "--root"))
+        return Path(owned_container(next(iter(monitors.values())))[0])
 
     def own_processes(self) -> dict[int, list[str]]:
         """Every process whose command line names this node's directory

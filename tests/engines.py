@@ -127,7 +127,7 @@ def leftover_processes() -> list[str]:
             continue
         if b"KATA_PY_RUN_DIR=" + run_dir not in environ:
             continue
-        if "kata_py.oci.monitor" in cmdline or ("qemu-system" in cmdline and "kata-py-" in cmdline
+        if "kata_py.sandbox.owner" in cmdline or "kata_py.sandbox.relay" in cmdline or ("qemu-system" in cmdline and "kata-py-" in cmdline
                                                  and "kata-py-vm-" not in cmdline):
             found.append(f"{proc.name}: {cmdline[:120]}")
     return found

@@ -10,7 +10,17 @@ from pathlib import Path
 
 from tests.conftest import KATA, RUN_DIR, qemu_processes_under
 
-MONITOR = b"kata_py.oci.monitor"
+OWNER = "kata_py.sandbox.owner"
+
+
+def owned_container(argv: Sequence[str | bytes]) -> tuple[str, str] | None:
+    """(state root, container id) of a kata-py container's sandbox owner,
+    from its argv (its --container file lives in <root>/<id>/), else None."""
+    argv = [a.decode(errors="replace") if isinstance(a, bytes) else a for a in argv]
+    if OWNER not in argv or "--container" not in argv[:-1]:
+        return None
+    launch = Path(argv[argv.index("--container") + 1])
+    return str(launch.parent.parent), launch.parent.name
 
 
 def cli(root: Path | None, *args, input: bytes | None = None, stdin=None, stdout=subprocess.PIPE,
@@ -63,8 +73,8 @@ def monitors_under(root: Path) -> list[int]:
     found = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
-            line = cmdline(int(proc.name))
-            if MONITOR in line and str(root).encode() in line.split(b"\0"):
+            owned = owned_container(cmdline(int(proc.name)).split(b"\0"))
+            if owned is not None and owned[0] == str(root):
                 found.append(int(proc.name))
     return found
 

@@ -22,7 +22,7 @@ def cmd_run(args) -> int:
     mark("cli_run")
     check_create_flags(args)
     st = store(args)
-    monitor = create(st, args.container_id, args.bundle, args.pid_file, args.console_socket, args.log,
+    owner = create(st, args.container_id, args.bundle, args.pid_file, args.console_socket, args.log,
                      no_pivot=args.no_pivot, log_format=args.log_format)
     mark("cli_created")
     try:
@@ -33,11 +33,11 @@ def cmd_run(args) -> int:
     mark("cli_started")
     if args.detach:
         return 0
-    # The monitor relays stdio and forwards signals; we pass ours to it.
+    # The sandbox owner relays stdio and forwards signals; we pass ours to it.
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-        signal.signal(signum, lambda s, _f: monitor.send_signal(s))
-    status = monitor.wait()
-    mark("cli_monitor_exited")
+        signal.signal(signum, lambda s, _f: owner.send_signal(s))
+    status = owner.wait()
+    mark("cli_owner_exited")
     if not args.keep:
         delete(st, args.container_id, force=True)
         mark("cli_deleted")

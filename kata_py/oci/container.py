@@ -18,43 +18,57 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError, KataError
-from ..sandbox.share import remove_share_dir
-from .hooks import run_guest_hooks, run_hooks
+from ..sandbox import record as sandbox_record
+from ..sandbox.guest_hooks import run_guest_hooks
+from ..sandbox.single import Launch, PlannedShare
+from .hooks import run_hooks
 from .process_spec import agent_container_id
-from .share import sandbox_dir_for, share_dir_for
+from .share import owner_dir_for, sandbox_dir_for, sandbox_id_for
 from .spec import load_bundle
 from .state import (ContainerNotFound, ContainerState, StateStore, Status, process_start_time,
                     validate_id)
 
 CREATE_TIMEOUT = 600.0      # a first create may build the guest image
-MONITOR_EXIT_TIMEOUT = 15.0
+OWNER_EXIT_TIMEOUT = 15.0
 UNREACHABLE_EXIT_TIMEOUT = 3.0   # delete --force: the agent did not take the SIGKILL
 
 
-def _monitor_argv(root: str, container_id: str, status_fd: int, console_socket: str | None,
-                  log_file: str | None, process_json: str | None = None, go_fd: int = -1,
-                  log_format: str = "text") -> list[str]:
-    argv = [sys.executable, "-m", "kata_py.oci.monitor", "--root", root, "--id", container_id,
+def _owner_argv(store: StateStore, container_id: str, launch_file: str, size: tuple[int, int], pool: bool,
+                status_fd: int, go_fd: int, log_file: str | None, log_format: str) -> list[str]:
+    """The container's sandbox owner (kata_py.sandbox.owner, one container's sandbox)."""
+    memory, cpus = size
+    argv = [sys.executable, "-m", "kata_py.sandbox.owner", "--id", sandbox_id_for(str(store.root), container_id),
+            "--memory-mib", str(memory), "--cpus", str(cpus), "--container", launch_file,
             "--status-fd", str(status_fd)]
     if go_fd >= 0:
         argv += ["--go-fd", str(go_fd)]
+    if pool:
+        argv.append("--pool")
+    if log_file:
+        argv += ["--log", log_file, "--log-format", log_format]
+    return argv
+
+
+def _relay_argv(job_file: str, status_fd: int, console_socket: str | None, log_file: str | None,
+                log_format: str) -> list[str]:
+    """An `exec --detach` relay (kata_py.sandbox.relay)."""
+    argv = [sys.executable, "-m", "kata_py.sandbox.relay", "--exec", job_file, "--status-fd", str(status_fd)]
     if console_socket:
         argv += ["--console-socket", console_socket]
     if log_file:
         argv += ["--log", log_file, "--log-format", log_format]
-    if process_json:
-        argv += ["--exec-process-json", process_json]
     return argv
 
 
-def spawn_monitor(argv_for, timeout: float = CREATE_TIMEOUT, preexec_fn=None,
+def spawn_reporting(argv_for, timeout: float = CREATE_TIMEOUT, preexec_fn=None,
                   prepare=None) -> tuple[subprocess.Popen, dict]:
-    """Start a monitor and wait for its one-line report; (process, payload).
+    """Start a sandbox owner or exec relay and wait for its one-line report;
+    (process, payload).
 
-    With `prepare`, the monitor waits before it does anything until
+    With `prepare`, the process waits before it does anything until
     prepare(process) has returned (the prestart hooks, which must see the
-    monitor's pid and network namespace before the VM's network is read);
-    if prepare raises, the monitor is ended and the error goes on."""
+    owner's pid and network namespace before the VM's network is read);
+    if prepare raises, the process is ended and the error goes on."""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     go_read, go_write = os.pipe2(os.O_CLOEXEC) if prepare else (-1, -1)
     try:
@@ -64,7 +78,7 @@ def spawn_monitor(argv_for, timeout: float = CREATE_TIMEOUT, preexec_fn=None,
         os.close(read_fd)
         if go_write >= 0:
             os.close(go_write)
-        raise KataError(f"cannot start the monitor: {getattr(exc, 'strerror', None) or exc}") from exc
+        raise KataError(f"cannot start the sandbox owner: {getattr(exc, 'strerror', None) or exc}") from exc
     finally:
         os.close(write_fd)
         if go_read >= 0:
@@ -87,7 +101,7 @@ def spawn_monitor(argv_for, timeout: float = CREATE_TIMEOUT, preexec_fn=None,
     if kind == "ok":
         return proc, json.loads(payload)
     _stop(proc)
-    message = json.loads(payload) if kind == "error" and payload else "the monitor exited without a report"
+    message = json.loads(payload) if kind == "error" and payload else "the sandbox owner exited without a report"
     raise KataError(message)
 
 
@@ -99,7 +113,7 @@ def _read_line(fd: int, timeout: float) -> str:
     while b"\n" not in data:
         left = deadline - time.monotonic()
         if left <= 0 or not select.select([fd], [], [], left)[0]:
-            return "error " + json.dumps(f"the monitor did not report within {timeout:.0f} s")
+            return "error " + json.dumps(f"the sandbox owner did not report within {timeout:.0f} s")
         chunk = os.read(fd, 65536)
         if not chunk:
             break
@@ -153,6 +167,43 @@ def create(store: StateStore, container_id: str, bundle: str, pid_file: str | No
             placement.close()
 
 
+def _plan(store: StateStore, state: ContainerState, config: dict, rootfs, console_socket: str | None) -> Launch:
+    """What the owner builds in the guest, computed here from the bundle
+    (so that a bad spec fails before any process starts)."""
+    from .guest_spec import create_container_args
+    from .process_spec import process_args, seccomp_args
+
+    agent_id = agent_container_id(state.id)
+    planned = PlannedShare()
+    create_args = create_container_args(agent_id, config, state.bundle, planned, no_pivot=state.no_pivot)
+    return Launch(agent_id=agent_id, create={**create_args, **seccomp_args(config)},
+                  process=process_args(config["process"]), rootfs=str(rootfs), binds=planned.binds,
+                  terminal=state.terminal, console_socket=console_socket,
+                  hooks=list(state.config_hooks.get("createContainer") or []),
+                  hook_state=dict(state.oci_state(), status=Status.CREATING.value),
+                  network_config=config, state_dir=str(store.dir(state.id)), name=f"kata-py-{state.id[:40]}")
+
+
+def _pool_size(config: dict) -> tuple[int, int] | None:
+    """(memory MiB, vCPUs) to claim for this container, or None when it must
+    boot its own VM: a pooled VM has no NIC (microvm cannot hot-plug one)."""
+    from ..network.guard import network_entry
+
+    present, path = network_entry(config)
+    if path is not None:
+        return None
+    hooks = config.get("hooks") or {}
+    if present and (hooks.get("prestart") or hooks.get("createRuntime")):
+        return None     # a hook may put interfaces into the new namespace (Docker's does)
+    return _vm_size(config)
+
+
+def _vm_size(config: dict) -> tuple[int, int]:
+    from .process_spec import vm_size
+
+    return vm_size(config)
+
+
 def _create(store: StateStore, container_id: str, bundle_dir, config: dict, rootfs, placement,
             pid_file: str | None, console_socket: str | None, log_file: str | None, log_format: str,
             no_pivot: bool) -> subprocess.Popen:
@@ -161,24 +212,28 @@ def _create(store: StateStore, container_id: str, bundle_dir, config: dict, root
         state = ContainerState(id=container_id, bundle=str(bundle_dir), rootfs=str(rootfs), owner=_owner(),
                                annotations=config.get("annotations", {}), terminal=bool(process.get("terminal")),
                                config_hooks=config.get("hooks", {}), no_pivot=no_pivot)
-        store.save(state)
         proc = None
         hooks = state.config_hooks
-        def prestart(monitor: subprocess.Popen) -> None:
-            # runc's order: the namespaces exist (the monitor's network namespace
+        def prestart(owner: subprocess.Popen) -> None:
+            # runc's order: the namespaces exist (the owner's network namespace
             # is the container's), the process has not started, and the hooks
-            # run in the runtime's namespaces with the monitor's pid. A hook may
-            # put interfaces into /proc/PID/ns/net (Docker's does): the monitor
+            # run in the runtime's namespaces with the owner's pid. A hook may
+            # put interfaces into /proc/PID/ns/net (Docker's does): the owner
             # reads the namespace only after this.
-            hook_state = dict(state.oci_state(), status=Status.CREATED.value, pid=monitor.pid)
+            hook_state = dict(state.oci_state(), status=Status.CREATED.value, pid=owner.pid)
             run_hooks("prestart", hooks.get("prestart", []), hook_state)
             run_hooks("createRuntime", hooks.get("createRuntime", []), hook_state)
 
         has_hooks = bool(hooks.get("prestart") or hooks.get("createRuntime"))
         try:
-            proc, report = spawn_monitor(
-                lambda fd, go_fd: _monitor_argv(str(store.root), container_id, fd, console_socket, log_file,
-                                                go_fd=go_fd, log_format=log_format),
+            launch = _plan(store, state, config, rootfs, console_socket)
+            store.save(state)
+            launch_file = str(store.dir(container_id) / "launch.json")
+            launch.write(launch_file)
+            pool_size = _pool_size(config)
+            proc, report = spawn_reporting(
+                lambda fd, go_fd: _owner_argv(store, container_id, launch_file, pool_size or _vm_size(config),
+                                              pool_size is not None, fd, go_fd, log_file, log_format),
                 preexec_fn=placement.enter if placement is not None else None,
                 prepare=prestart if has_hooks else None)
             state.pid = proc.pid
@@ -192,16 +247,14 @@ def _create(store: StateStore, container_id: str, bundle_dir, config: dict, root
                 _write_pid_file(pid_file, proc.pid)
         except BaseException:
             if proc is not None:
-                # The monitor reported a VM but create cannot finish (a full
-                # disk, a pid file it cannot write): end it, and what a SIGKILLed monitor
-                # cannot remove itself (its QEMU and back end go with it).
+                # The owner reported a VM but create cannot finish (a full
+                # disk, a pid file it cannot write): end it, and what a
+                # SIGKILLed owner cannot remove itself (its QEMU and back end
+                # go with it).
                 _stop(proc)
-                if state.run_dir:
-                    shutil.rmtree(state.run_dir, ignore_errors=True)
-            _remove_vm_leftovers(store, container_id)
+            _remove_sandbox_leftovers(store, container_id)
             _undo_network(store, container_id)
             store.remove(container_id)
-            remove_share_dir(share_dir_for(str(store.root), container_id))
             raise
     return proc
 
@@ -232,7 +285,7 @@ async def _start(state: ContainerState) -> None:
             try:
                 # The state as the hook must see it: still created (the record
                 # already says running, written ahead of the release).
-                await run_guest_hooks(handle, state.id, "startContainer", hooks,
+                await run_guest_hooks(handle, agent_container_id(state.id), "startContainer", hooks,
                                       dict(state.oci_state(), status=Status.CREATED.value))
             except KataError:
                 # The spec: a failing startContainer hook stops the container.
@@ -324,7 +377,7 @@ def processes(store: StateStore, container_id: str) -> list[dict]:
     return reply["processes"]
 
 
-def _wait_monitor_exit(state: ContainerState, timeout: float) -> bool:
+def _wait_owner_exit(state: ContainerState, timeout: float) -> bool:
     from .state import pid_alive
 
     deadline = time.monotonic() + timeout
@@ -351,44 +404,46 @@ def delete(store: StateStore, container_id: str, force: bool = False) -> None:
 def _delete(store: StateStore, container_id: str, force: bool) -> None:
     with store.locked(container_id) as state:
         status = state.require("delete", lambda status: force or status.can_delete())
-        exit_timeout = MONITOR_EXIT_TIMEOUT
+        exit_timeout = OWNER_EXIT_TIMEOUT
         if status is not Status.STOPPED:
             try:
                 if status is Status.PAUSED:
                     resume_vm(state)
                 _agent_call(state, "signal_process", {"process_id": state.init_process, "signal": 9}, timeout=10)
             except KataError:
-                # The VM is going, gone or hung: a monitor whose VM is going
+                # The VM is going, gone or hung: an owner whose VM is going
                 # exits at once; one whose guest hangs never will.
                 exit_timeout = UNREACHABLE_EXIT_TIMEOUT
-        if not _wait_monitor_exit(state, exit_timeout) and state.pid:
+        if not _wait_owner_exit(state, exit_timeout) and state.pid:
             try:
                 os.kill(state.pid, signal_module.SIGKILL)  # QEMU dies with it (PDEATHSIG)
             except ProcessLookupError:
                 pass
-            _wait_monitor_exit(state, 5.0)
-        if state.run_dir:
-            shutil.rmtree(state.run_dir, ignore_errors=True)
-        _remove_vm_leftovers(store, container_id)
+            _wait_owner_exit(state, 5.0)
+        _remove_sandbox_leftovers(store, container_id, state.run_dir)
         _undo_network(store, container_id)
-        remove_share_dir(share_dir_for(str(store.root), container_id))
         store.remove(container_id)
     run_hooks("poststop", state.config_hooks.get("poststop", []), dict(state.oci_state(), status="stopped"),
               fatal=False)
 
 
-def _remove_vm_leftovers(store: StateStore, container_id: str) -> None:
-    """The VM's run directory and host cgroups, where a monitor killed before
-    it could clean up (or even report) left them: found by (root, id)."""
+def _remove_sandbox_leftovers(store: StateStore, container_id: str, vm_run_dir: str | None = None) -> None:
+    """What an owner killed before it could clean up (or even report) left:
+    its run directory and export, its VM's run directory and host cgroups,
+    found by (root, id). Its QEMU died with it (PDEATHSIG), its binds with
+    its mount namespace. (A pooled VM's run directory is its standby's.)"""
     from ..vmm.host_cgroup import remove_host_cgroups
 
+    sandbox_record.remove_leftovers(owner_dir_for(str(store.root), container_id))
     run_dir = sandbox_dir_for(str(store.root), container_id)
     shutil.rmtree(run_dir, ignore_errors=True)
-    remove_host_cgroups(run_dir.name)  # its QEMU died with the monitor (PDEATHSIG)
+    remove_host_cgroups(run_dir.name)
+    if vm_run_dir and Path(vm_run_dir) == run_dir:
+        shutil.rmtree(vm_run_dir, ignore_errors=True)
 
 
 def _undo_network(store: StateStore, container_id: str) -> None:
-    """What the monitor made in the container's network namespace, if it
+    """What the owner made in the container's network namespace, if it
     could not remove it itself (killed): its record is in the state dir."""
     from ..network import RECORD_NAME, detach_container_recorded
 
@@ -438,17 +493,21 @@ def resume(store: StateStore, container_id: str) -> None:
 
 def exec_detached(store: StateStore, container_id: str, spec: dict, pid_file: str | None,
                   console_socket: str | None, log_file: str | None, log_format: str = "text") -> int:
-    store.load(container_id).require("exec in", Status.can_exec)
-    fd, process_json = tempfile.mkstemp(dir=store.dir(container_id), prefix="exec-", suffix=".json")
+    from .process_spec import process_args
+
+    state = store.load(container_id)
+    state.require("exec in", Status.can_exec)
+    job = {"vsock": state.vsock, "run_dir": state.run_dir, "agent_id": agent_container_id(container_id),
+           "process": process_args(spec), "terminal": bool(spec.get("terminal"))}
+    fd, job_file = tempfile.mkstemp(dir=store.dir(container_id), prefix="exec-", suffix=".json")
     with os.fdopen(fd, "w") as f:
-        json.dump(spec, f)
+        json.dump(job, f)
     try:
-        proc, _ = spawn_monitor(lambda wfd, _go: _monitor_argv(str(store.root), container_id, wfd, console_socket,
-                                                          log_file, process_json, log_format=log_format),
+        proc, _ = spawn_reporting(lambda wfd, _go: _relay_argv(job_file, wfd, console_socket, log_file, log_format),
                                 timeout=60)
     finally:
-        if os.path.exists(process_json):
-            os.unlink(process_json)
+        if os.path.exists(job_file):
+            os.unlink(job_file)
     if pid_file:
         _write_pid_file(pid_file, proc.pid)
     return proc.pid

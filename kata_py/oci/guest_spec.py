@@ -2,8 +2,9 @@
 
 Filesystem mounts (proc, tmpfs, ...) pass through for the agent to make
 inside the guest. Bind mounts cannot: their sources are host paths, so each
-one is added to the container's share (see share.py) and the agent binds it
-from there. Device binds take the guest's device of the same path.
+one is added to the sandbox's export (planned here, bound by the sandbox
+owner: kata_py.sandbox.single.PlannedShare) and the agent binds it from
+there. Device binds take the guest's device of the same path.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ import os
 import stat
 
 from ..errors import ConfigError
-from ..sandbox.share import ContainerShare
-from .share import ROOTFS_ENTRY
+from ..sandbox.single import ROOTFS_ENTRY, PlannedShare
 
 # The guest namespaces a spec can ask for. `network` is the VM's own (see the
 # network layer) and `time` is not made per container.
@@ -25,7 +25,7 @@ def is_bind(mount: dict) -> bool:
     return mount.get("type") == "bind" or "bind" in options or "rbind" in options
 
 
-def guest_mounts(config: dict, bundle: str, share: ContainerShare | None) -> list[dict]:
+def guest_mounts(config: dict, bundle: str, share: PlannedShare | None) -> list[dict]:
     """The spec's mounts for the agent; bind sources are added to `share`."""
     result = []
     for index, mount in enumerate(config.get("mounts") or []):
@@ -58,7 +58,7 @@ def guest_mounts(config: dict, bundle: str, share: ContainerShare | None) -> lis
     return result
 
 
-def create_container_args(agent_id: str, config: dict, bundle: str, share: ContainerShare | None,
+def create_container_args(agent_id: str, config: dict, bundle: str, share: PlannedShare | None,
                           no_pivot: bool = False) -> dict:
     linux = config.get("linux") or {}
     root = config.get("root") or {}

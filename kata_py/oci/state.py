@@ -2,8 +2,8 @@
 
 One directory per container: `state.json` (written atomically), `lock`
 (flock held for every change). The status written there is only a claim:
-on load it is checked against reality (is the monitor process still the
-same live process?), and a dead monitor means the container has stopped.
+on load it is checked against reality (is the sandbox owner process still the
+same live process?), and a dead owner means the container has stopped.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ class ContainerState:
     bundle: str
     rootfs: str
     status: str = Status.CREATING.value
-    pid: int = 0                     # the host monitor process
+    pid: int = 0                     # the container's sandbox owner process
     pid_start_time: int | None = None
     created: str = field(default_factory=now_rfc3339)
     owner: str = ""

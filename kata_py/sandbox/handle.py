@@ -7,7 +7,7 @@ Three kinds of sandbox satisfy it:
 - `kata_py.sandbox.pool.PooledSandbox`: a VM a pool standby booted and this
   process claimed;
 - `ReattachedSandbox` (here): a VM another process owns (a container's
-  monitor), reached from this one for `exec` or `start` through its vsock
+  sandbox owner), reached from this one for `exec` or `start` through its vsock
   address; stopping it only closes this process's agent connection.
 
 Each has an agent connection (once started) and a vsock transport, and a run

@@ -35,6 +35,12 @@ directories) and exits, when:
   connection first gets a `gone` event with the reason;
 - SIGTERM. (SIGINT and SIGHUP are ignored: it runs in its own session, and a
   terminal's ^C is for the client.)
+**One container's sandbox** (`--container FILE`, the OCI CLI's shape; see
+single.py): the owner runs in the container's network namespace with the
+container's stdio, attaches that namespace to the VM, creates the container
+and its init from what `create` computed, reports on `--status-fd`, and ends
+the sandbox when the init exits, exiting with the init's status.
+
 A SIGKILLed owner cannot clean up: QEMU dies with it (PR_SET_PDEATHSIG), the
 vsock back end with QEMU, the binds with the mount namespace, and the record
 lets the client remove the rest (record.clean_up_after).
@@ -55,15 +61,19 @@ from pathlib import Path
 
 from .. import paths
 from ..errors import KataError
+from ..timing import mark
 from ..protocol.framing import FrameError, encode_frame, read_frame
 from ..protocol.schema import SchemaError
 from . import record as records
 from .containers import Containers, OwnerError
 from .pool import Claim
-from .share import TAG, ContainerShare, enter_private_mount_namespace
-
-POOL_TAG = "rootfs"     # the 9p tag of a pooled VM's share (kata_py/factory/standby.py)
 from .owner_protocol import DEFAULT_OUTPUT, MAX_FILE, MAX_FRAME, PROTOCOL_VERSION, check_request, error_reply
+from .share import TAG, ContainerShare, enter_private_mount_namespace
+from .single import Launch, StatusPipe, bind_into, run_init
+
+# The 9p tag of a pooled VM's share (kata_py/factory/standby.py), and of a
+# one-container sandbox's (the tag an OCI container's create_container names).
+POOL_TAG = "rootfs"
 
 log = logging.getLogger("kata_py.owner")
 
@@ -143,8 +153,14 @@ class Connection:
 
 class Owner:
     def __init__(self, sandbox_id: str, memory_mib: int, cpus: int, control_fd: int | None = None,
-                 claimed: Claim | None = None) -> None:
+                 claimed: Claim | None = None, launch: Launch | None = None,
+                 report: StatusPipe | None = None) -> None:
         self.id = sandbox_id
+        self.launch = launch            # one container's sandbox: what its init is
+        self.report = report
+        self.network = None             # the network namespace's attachment (one container's sandbox)
+        self.primary: asyncio.Future | None = None
+        self.exit_status: int | None = None
         self.claimed = claimed          # a pooled VM (its standby's mount namespace is ours already)
         self.memory_mib = memory_mib
         self.cpus = cpus
@@ -234,12 +250,14 @@ class Owner:
             log.exception("the owner failed")
             self.end(f"the owner failed: {exc!r}", failed=True)
         finally:
-            if boot is not None and not boot.done():
-                boot.cancel()
-            if boot is not None:
-                await asyncio.gather(boot, return_exceptions=True)
+            for task in (boot, self.primary):
+                if task is not None and not task.done():
+                    task.cancel()
+            await asyncio.gather(*(t for t in (boot, self.primary) if t is not None), return_exceptions=True)
             await self._teardown()
-        return 1 if self.failed else 0
+        if self.failed or (self.launch is not None and self.exit_status is None):
+            return 1
+        return self.exit_status if self.exit_status is not None else 0
 
     async def _listen(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -281,17 +299,31 @@ class Owner:
         from .sandbox import Sandbox, Share
 
         started = time.monotonic()
+        tag = POOL_TAG if self.claimed is not None or self.launch is not None else TAG
         try:
+            if self.launch is not None:
+                bind_into(self.export, self.launch)
             if self.claimed is not None:
                 self.sandbox = PooledSandbox(self.claimed)
             else:
+                nics = []
+                if self.launch is not None:
+                    from ..network import attach_container
+
+                    self.network = await attach_container(self.launch.network_config, Path(self.launch.state_dir))
+                    nics = self.network.nics
                 self.sandbox = Sandbox(ensure_image(progress=False), memory_mib=self.memory_mib, cpus=self.cpus,
-                                       run_dir=records.vm_dir(self.id), shares=[Share(TAG, self.export.path)],
-                                       name=f"kata-py-sb-{self.id}")
+                                       run_dir=records.vm_dir(self.id), shares=[Share(tag, self.export.path)],
+                                       name=self.launch.name if self.launch else f"kata-py-sb-{self.id}",
+                                       qmp_socket=self.launch is not None, nics=nics)
             await self.sandbox.start()
+            if self.network is not None:
+                from ..network import configure_guest
+
+                await configure_guest(self.network, self.sandbox.agent)
             self.boot_seconds = round(time.monotonic() - started, 3)
             self.containers = Containers(self.sandbox, self.export, self.publish, self._agent_lost, self.save,
-                                         mount_tag=POOL_TAG if self.claimed is not None else TAG)
+                                         mount_tag=tag)
             self.status = "running"
             self.save()
         except asyncio.CancelledError:
@@ -299,13 +331,34 @@ class Owner:
             raise
         except BaseException as exc:
             log.error("boot failed: %s", exc)
-            self.booted.set_exception(OwnerError("failed", f"the sandbox's VM did not boot: {exc}"))
-            self.end(f"the sandbox's VM did not boot: {exc}", failed=True)
+            # kata-py create reports the error itself, as it always has (a
+            # bind source that cannot be shared, a network it cannot carry).
+            reason = (str(exc) if self.launch is not None and isinstance(exc, KataError)
+                      else f"the sandbox's VM did not boot: {exc}")
+            self.booted.set_exception(OwnerError("failed", reason))
+            self.end(reason, failed=True)
             return
         self.booted.set_result(None)
         log.info("sandbox %s up in %.2f s (%s VM)", self.id, self.boot_seconds,
                  "pooled" if self.claimed is not None else "booted")
         asyncio.ensure_future(self._watch_vm())
+        if self.launch is not None:
+            self.primary = asyncio.ensure_future(self._run_init())
+
+    async def _run_init(self) -> None:
+        """One container's sandbox: its init, from creation to exit."""
+        try:
+            self.exit_status = await run_init(self.sandbox, self.launch, self.report)
+        except asyncio.CancelledError:
+            raise
+        except KataError as exc:
+            self.end(str(exc), failed=True)
+            return
+        except Exception as exc:
+            log.exception("the container's init failed")
+            self.end(repr(exc), failed=True)
+            return
+        self.end(f"its container's init exited ({describe_exit(self.exit_status)})")
 
     async def _watch_vm(self) -> None:
         if self.claimed is not None:
@@ -360,6 +413,10 @@ class Owner:
                 log.error("stopping the VM: %s", exc)
         elif self.claimed is not None:          # ended before its handle was made: let go of the claim
             await asyncio.get_running_loop().run_in_executor(None, self.claimed.release)
+        if self.network is not None:
+            from ..network import detach_container
+
+            await detach_container(self.network)
         if self.export is not None:
             # The binds (ours to undo here), then the directory (a pooled VM's
             # standby removed its own already, unless it had to be killed).
@@ -555,6 +612,7 @@ def _claim(memory_mib: int, cpus: int) -> Claim | None:
         claimed.release()
         return None
     log.info("using the pooled VM of standby %d", claimed.pid)
+    mark("vm_claimed")
     return claimed
 
 
@@ -568,11 +626,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pool", action="store_true",
                         help="claim a pooled VM of at least this size when a VM factory runs; boot one otherwise")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    one = parser.add_argument_group("one container's sandbox (kata-py create)")
+    one.add_argument("--container", metavar="FILE", help="what the container is (single.Launch; removed once read)")
+    one.add_argument("--status-fd", type=int, default=-1, help="where the one-line report goes")
+    one.add_argument("--go-fd", type=int, default=-1,
+                     help="wait for 'go' on this fd first (create runs the prestart hooks meanwhile)")
+    one.add_argument("--log", help="the CLI's --log file (else nowhere: stderr is the container's)")
+    one.add_argument("--log-format", choices=("text", "json"), default="text")
     args = parser.parse_args(argv)
     if not all(c.isalnum() or c in "_.-" for c in args.id) or not 0 < len(args.id) <= 32:
         parser.error(f"--id {args.id!r}: letters, digits, _ . - only, at most 32")
     if not 1 <= args.cpus <= 64 or not 96 <= args.memory_mib <= 1 << 20:
         parser.error("--cpus must be 1..64 and --memory-mib 96..1048576")
+    if args.container:
+        sys.exit(_main_one_container(args))
     directory = records.sandbox_dir(args.id)
     paths.ensure_private_dir(directory.parent)
     try:
@@ -593,6 +660,54 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     status = asyncio.run(Owner(args.id, args.memory_mib, args.cpus, args.control_fd, claimed).main())
     sys.exit(status)
+
+
+def _main_one_container(args) -> int:
+    """kata-py create's owner: its stdio is the container's; errors go to
+    the status pipe (and the CLI's --log), the exit status is the init's."""
+    from ..logformat import log_to_runtime_log
+    from .single import detach_stdio, wait_for_go
+
+    log_to_runtime_log(args.log, args.log_format, "owner")
+    report = StatusPipe(args.status_fd)
+    mark("owner_started")
+    directory = records.sandbox_dir(args.id)
+    made = False
+    error = None
+    status = 1
+    try:
+        launch = Launch.read(args.container)
+        if launch.terminal:
+            detach_stdio()
+        if args.go_fd >= 0:
+            wait_for_go(args.go_fd)
+        paths.ensure_private_dir(directory.parent)
+        records.remove_leftovers(directory)  # of an earlier container of the same (root, id), killed
+        directory.mkdir(mode=0o700)
+        made = True
+        # Before any thread exists: the export's binds live and die with this
+        # process and its QEMU, or with the standby of a pooled VM, whose
+        # mount namespace this joins.
+        claimed = _claim(args.memory_mib, args.cpus) if args.pool else None
+        if claimed is None:
+            enter_private_mount_namespace()
+        owner = Owner(args.id, args.memory_mib, args.cpus, claimed=claimed, launch=launch, report=report)
+        status = asyncio.run(owner.main())
+        error = owner.reason or "the sandbox ended before its container was created"
+    except KataError as exc:
+        log.error("%s", exc)
+        error = str(exc)
+    except BaseException as exc:
+        log.exception("the owner failed")
+        error = repr(exc)
+    finally:
+        # Everything is removed before a failure is reported: `create` kills
+        # this process as soon as it reads the report.
+        if made:
+            records.remove_leftovers(directory)
+        if not report.sent:
+            report.send("error", error or "the owner failed")
+    return status
 
 
 if __name__ == "__main__":

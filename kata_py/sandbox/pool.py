@@ -1,7 +1,7 @@
 """The pool client: claiming a VM that the factory's pool booted, and using it.
 
 The factory daemon and its standbys (kata_py.factory) keep the pool; a
-container's monitor claims one VM here. `PooledSandbox` is a SandboxHandle
+container's sandbox owner claims one VM here. `PooledSandbox` is a SandboxHandle
 (kata_py/sandbox/handle.py: agent, transport, run_dir, start, stop) for a VM
 that a standby booted and keeps.
 """

@@ -129,6 +129,17 @@ def clean_up_after(record: dict, timeout: float = 5.0) -> None:
     _remove_run_dir(run_dir)
 
 
+def remove_leftovers(run_dir: Path) -> None:
+    """A sandbox's run directory and what its record names, if its owner is
+    dead (killed before it could clean up); nothing of a live owner's."""
+    record = read(run_dir)
+    if record is not None:
+        if same_process(record.get("owner_pid"), record.get("owner_start")):
+            return
+        clean_up_after(record)
+    _remove_run_dir(Path(run_dir))
+
+
 def _wait_gone(pid: int | None, start: int | None, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while same_process(pid, start) and time.monotonic() < deadline:

@@ -123,7 +123,7 @@ class Sandbox:
                 config.extra_args += nic.qemu_args(config.bus)
                 config.pass_fds.append(nic.fd)
             if self.qmp_socket:
-                # A second monitor for other processes (pause/resume from the CLI).
+                # A second QMP monitor for other processes (pause/resume from the CLI).
                 config.extra_args += ["-qmp", f"unix:{self.run_dir / 'qmp.sock'},server=on,wait=off"]
             self.machine = QemuMachine(config, self.run_dir)
             await self.machine.launch()

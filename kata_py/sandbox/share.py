@@ -1,7 +1,7 @@
 """The host side of a VM's 9p share, filled with bind mounts.
 
 QEMU exports one directory per VM. The process that owns the VM (an OCI
-container's monitor, an API sandbox's owner, a pool standby) fills it, in a
+sandbox's owner, a pool standby) fills it, in a
 mount namespace of its own (a slave of the host's: host mounts still reach
 it, nothing it mounts reaches the host), with bind mounts: a rootfs, bind
 sources (directories or single files), read-only binds remounted read-only
@@ -11,7 +11,7 @@ and QEMU exit, however they exit: a killed owner leaks no mount. What
 remains in the host's view is a directory of empty mount points, which
 `remove_share_dir` deletes without ever descending into anything mounted.
 
-An OCI container's share holds one container (its naming: kata_py/oci/share.py);
+An OCI container's export holds one container (kata_py/sandbox/single.py);
 an API sandbox's holds one entry per container (`c<N>`, mount tag `TAG`), and
 each container's init pivots into its own entry, so a container never sees
 another's files.

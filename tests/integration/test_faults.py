@@ -37,7 +37,7 @@ from kata_py.oci.share import sandbox_dir_for
 from tests.bundles import make_bundle
 from tests.conftest import KATA
 from tests.leaks import LeakChecker
-from tests.oci_helpers import cli
+from tests.oci_helpers import cli, owned_container
 
 pytestmark = pytest.mark.vm
 
@@ -93,7 +93,8 @@ def monitor_of(root: Path) -> int | None:
             argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"kata_py.oci.monitor" in argv and str(root).encode() in argv and b"--exec-process-json" not in argv:
+        owned = owned_container(argv)
+        if owned is not None and owned[0] == str(root):
             return int(entry)
     return None
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.engines import IMAGE, Podman, image_tar
+from tests.oci_helpers import owned_container
 
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(os.geteuid() != 0, reason="podman's bridge network needs root")]
 
@@ -34,7 +35,8 @@ def monitors_of(container_id: str) -> list[str]:
             argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue
-        if "kata_py.oci.monitor" in argv and container_id in argv:
+        owned = owned_container(argv)
+        if owned is not None and owned[1] == container_id:
             found.append(f"{proc.name}: {' '.join(argv)[:200]}")
     return found
 

@@ -76,11 +76,30 @@ def test_missing_bind_source_is_a_config_error(tmp_path):
         create_container_args("c-1", config(), str(tmp_path), ListShare())  # no bundle/hosts
 
 
-def test_share_dir_is_fixed_by_root_and_id(tmp_path, monkeypatch):
+def test_sandbox_dirs_are_fixed_by_root_and_id(tmp_path, monkeypatch):
     monkeypatch.setenv("KATA_PY_RUN_DIR", str(tmp_path))
-    a = share_mod.share_dir_for("/state", "c1")
-    assert a == share_mod.share_dir_for("/state/", "c1") and a.parent == tmp_path
-    assert a != share_mod.share_dir_for("/state", "c2") and a != share_mod.share_dir_for("/other", "c1")
+    for where in (share_mod.owner_dir_for, share_mod.sandbox_dir_for):
+        a = where("/state", "c1")
+        assert a == where("/state/", "c1") and a.parent == tmp_path
+        assert a != where("/state", "c2") and a != where("/other", "c1")
+    assert len(share_mod.sandbox_id_for("/state", "x" * 1024)) <= 32
+
+
+def test_planned_share_names_binds_as_the_export_will(tmp_path):
+    """create plans the binds; the owner binds them in the same order under
+    the same names (a ContainerShare names them m0, m1, ... too)."""
+    from kata_py.sandbox.single import PlannedShare
+
+    (tmp_path / "hosts").write_text("")
+    (tmp_path / "d").mkdir()
+    cfg = config()
+    cfg["mounts"].append({"destination": "/d", "type": "bind", "source": str(tmp_path / "d"),
+                          "options": ["rbind", "ro"]})
+    planned = PlannedShare()
+    args = create_container_args("c-1", cfg, str(tmp_path), planned)
+    shared = [m for m in args["mounts"] if m.get("from") == "share"]
+    assert [m["source"] for m in shared] == [b["name"] for b in planned.binds] == ["m0", "m1", "m2"]
+    assert planned.binds[2] == {"source": str(tmp_path / "d"), "name": "m2", "readonly": True, "recursive": True}
 
 
 def _in_private_namespace(fn) -> dict:

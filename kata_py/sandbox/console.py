@@ -1,10 +1,12 @@
 """--console-socket: a host pty whose master goes to the caller over SCM_RIGHTS.
 
-The container's terminal is a pty inside the guest; on the host the monitor
-holds the slave side of a host pty and relays it to the guest pty both ways,
-and sends the master to whoever listens on the console socket (conmon, the
-containerd shim, a test). Window-size changes made on the master reach the
-monitor as SIGWINCH, because the slave is the monitor's controlling terminal.
+The container's terminal is a pty inside the guest; on the host the process
+that stands for the guest process (the sandbox owner for an OCI container's
+init, an exec relay for `exec --detach`) holds the slave side of a host pty
+and relays it to the guest pty both ways, and sends the master to whoever
+listens on the console socket (conmon, the containerd shim, a test).
+Window-size changes made on the master reach that process as SIGWINCH,
+because the slave is its controlling terminal.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ class HostConsole:
     def attach_session(self, session) -> None:
         """Pass this terminal's size to the guest process now and on every
         SIGWINCH. Resizes are only seen by a session leader without a terminal
-        (the monitors); elsewhere the size is passed once."""
+        (owners and relays); elsewhere the size is passed once."""
         import asyncio
         import logging
 

@@ -1,0 +1,125 @@
+"""One more process in a running sandbox's container, relayed from this
+process: `kata-py exec` runs it inline; `exec --detach` starts this module
+as a process of its own (the pid in --pid-file), which reports to the CLI
+on a status pipe as the owner does for an init, relays the process's stdio
+(its own, or a console socket's pty) and exits with the process's status.
+
+    python -m kata_py.sandbox.relay --exec FILE --status-fd FD [--console-socket PATH] [--log FILE --log-format F]
+
+FILE (removed once read) holds {"vsock", "run_dir", "agent_id", "process",
+"terminal"}: where the VM's agent answers and what to run (the agent's
+create_process arguments, computed by the CLI from the OCI process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from ..errors import ConfigError, KataError
+from ..timing import mark
+from .agent_sync import transport_of
+from .console import HostConsole
+from .handle import ReattachedSandbox
+from .process import ProcessSession
+from .single import MAX_LAUNCH, StatusPipe, detach_stdio, stdio_of
+
+log = logging.getLogger("kata_py.relay")
+CONNECT_TIMEOUT = 10.0
+
+
+async def connect(vsock: dict, run_dir: str | None, what: str) -> ReattachedSandbox:
+    """A VM another process owns, as a handle of this one (its own agent connection)."""
+    handle = ReattachedSandbox(transport_of(vsock, run_dir), run_dir=Path(run_dir) if run_dir else None,
+                               timeout=CONNECT_TIMEOUT)
+    try:
+        await handle.start()
+    except (KataError, OSError) as exc:
+        raise KataError(f"{what}: cannot reach its VM's agent: {exc}") from exc
+    return handle
+
+
+async def run_in(handle: ReattachedSandbox, agent_id: str, spec: dict, terminal: bool,
+                 console_socket: str | None, report: StatusPipe | None = None) -> int:
+    """Start `spec` in the container and relay it until it exits; its status."""
+    console = None
+    try:
+        if terminal:
+            if not console_socket:
+                raise ConfigError("exec with a terminal needs --console-socket")
+            console = HostConsole()
+            console.send_master(console_socket)
+            rows, cols = console.size()
+            spec = dict(spec)
+            spec.setdefault("rows", rows)
+            spec.setdefault("cols", cols)
+        session = ProcessSession(handle, spec["argv"], env=spec["env"], cwd=spec["cwd"], user=spec["user"],
+                                 security=spec["security"], rows=spec.get("rows", 0), cols=spec.get("cols", 0),
+                                 container_id=agent_id, **stdio_of(console))
+        await session.create()
+        await session.start()
+        if report is not None:
+            report.send("ok", {"process": session.process_id, "guest_pid": session.pid})
+        if console is not None:
+            console.attach_session(session)
+        session.forward_signals()
+        return await session.relay_and_wait()
+    finally:
+        if console is not None:
+            console.close()
+        await handle.stop()
+
+
+async def _detached(job: dict, console_socket: str | None, report: StatusPipe) -> int:
+    handle = await connect(job["vsock"], job.get("run_dir"), "exec")
+    return await run_in(handle, job["agent_id"], job["process"], bool(job.get("terminal")), console_socket, report)
+
+
+def _read_job(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_LAUNCH + 1)
+        os.unlink(path)
+        job = json.loads(raw)
+        if len(raw) > MAX_LAUNCH or not isinstance(job, dict):
+            raise ValueError("not a JSON object of at most 4 MiB")
+        return job
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"exec job {path}: {exc}") from exc
+
+
+def main(argv: list[str] | None = None) -> None:
+    from ..logformat import log_to_runtime_log
+
+    parser = argparse.ArgumentParser(prog="kata-py-exec-relay")
+    parser.add_argument("--exec", dest="job", required=True)
+    parser.add_argument("--status-fd", type=int, required=True)
+    parser.add_argument("--console-socket")
+    parser.add_argument("--log")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    args = parser.parse_args(argv)
+    log_to_runtime_log(args.log, args.log_format, "exec")
+    if args.console_socket:
+        detach_stdio()
+    report = StatusPipe(args.status_fd)
+    mark("relay_started")
+    try:
+        status = asyncio.run(_detached(_read_job(args.job), args.console_socket, report))
+    except KataError as exc:
+        log.error("%s", exc)
+        report.send("error", str(exc))
+        sys.exit(1)
+    except BaseException as exc:
+        log.exception("exec relay failed")
+        report.send("error", repr(exc))
+        sys.exit(1)
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()
