@@ -611,7 +611,7 @@ def _claim(memory_mib: int, cpus: int) -> Claim | None:
         log.warning("cannot join the mount namespace of standby %d (%s): booting a VM instead", claimed.pid, exc)
         claimed.release()
         return None
-    log.info("using the pooled VM of standby %d", claimed.pid)
+    log.info("using pooled VM of standby %d", claimed.pid)
     mark("vm_claimed")
     return claimed
 

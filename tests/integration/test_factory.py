@@ -115,6 +115,7 @@ def test_concurrent_containers_get_different_vms(factory, tmp_path):
     for root, name, pid in zip(roots, "ab", pids):
         assert cli(root, "delete", "--force", name).returncode == 0
         reap(pid)
+    for root in roots:      # once both are gone: each container's owner has a run directory
         assert_nothing_left(root)
 
 
