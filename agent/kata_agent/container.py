@@ -10,6 +10,12 @@ pivot_root into the rootfs (or MS_MOVE + chroot with no_pivot), and last a
 user namespace when the spec maps ids. Further processes (`exec`) join the
 init's namespaces and root.
 
+A container may instead join the uts, ipc or pid namespace of another
+container's init (`join`): a Kubernetes pod's containers share its sandbox
+container's. Its init enters them (setns) where it would have made its own;
+nothing of them is undone when it exits, and they outlive the init that
+made them for as long as a process holds them.
+
 The set-up functions run in the forked child, between fork and exec; only
 the pid namespace is chosen in the parent, which is where it must be (a
 process's own pid namespace never changes: only its children's can).
@@ -25,7 +31,7 @@ import time
 from . import mounts as mountlib
 from .cgroups import Cgroup, CgroupError
 from .processes import ProcessError
-from .spawn import ask_parent_for_id_maps
+from .spawn import StepFailed, ask_parent_for_id_maps
 from .syscalls import (CLONE_NEWCGROUP, CLONE_NEWIPC, CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWUSER, CLONE_NEWUTS,
                        MNT_DETACH, MS_BIND, MS_MOVE, MS_PRIVATE, MS_RDONLY, MS_REC, MS_REMOUNT, MS_SHARED,
                        MS_SLAVE, MS_UNBINDABLE)
@@ -37,6 +43,12 @@ NETWORK_FILES = {"/etc/hosts": "/run/kata/network/hosts", "/etc/resolv.conf": "/
 
 # Namespaces a container may ask for, and the flag each is made with.
 NAMESPACE_FLAGS = {"mount": CLONE_NEWNS, "uts": CLONE_NEWUTS, "ipc": CLONE_NEWIPC, "cgroup": CLONE_NEWCGROUP}
+DEFAULT_NAMESPACES = ("mount", "uts", "ipc", "cgroup")
+# Namespaces a container may join instead (the protocol's JOINABLE_NAMESPACES),
+# and the flag each is entered with.
+JOIN_FLAGS = {"uts": CLONE_NEWUTS, "ipc": CLONE_NEWIPC, "pid": CLONE_NEWPID}
+# Sysctls that would set what a joined uts namespace holds: the pod's.
+UTS_SYSCTLS = ("kernel.hostname", "kernel.domainname")
 OWNED_FILESYSTEMS = ("tmpfs", "devpts", "mqueue")
 ROOTFS_PROPAGATION = {"private": MS_PRIVATE, "rprivate": MS_PRIVATE | MS_REC, "slave": MS_SLAVE,
                       "rslave": MS_SLAVE | MS_REC, "shared": MS_SHARED, "rshared": MS_SHARED | MS_REC,
@@ -51,7 +63,10 @@ class Container:
         self.readonly = bool(spec.get("readonly"))
         self.hostname = spec.get("hostname", "")
         self.domainname = spec.get("domainname", "")
-        self.namespaces = set(spec.get("namespaces", ("mount", "uts", "ipc", "cgroup")))
+        # Type -> id of the container whose init's namespace this one's init enters.
+        self.join: dict[str, str] = dict(spec.get("join", {}))
+        # A joined type is never made as well (an explicit list naming one is refused).
+        self.namespaces = set(spec.get("namespaces", DEFAULT_NAMESPACES)) - set(self.join)
         self.uid_mappings = spec.get("uid_mappings", [])
         self.gid_mappings = spec.get("gid_mappings", [])
         self.mounts = spec.get("mounts", [])
@@ -62,6 +77,7 @@ class Container:
         self.sysctl = [(item["key"], item["value"]) for item in spec.get("sysctl", [])]
         self.no_pivot = bool(spec.get("no_pivot"))
         self.init_pid: int | None = None
+        self.init_process = None               # its processes.Process, for a pidfd while it runs
         self.mount_tag: str | None = None      # the 9p tag its share came from
         self.cgroup = Cgroup(container_id)
         self.seccomp = None
@@ -107,11 +123,26 @@ def validate_spec(spec: dict) -> None:
     """What the schema cannot check; raises ProcessError("invalid")."""
     if "user" in spec.get("namespaces", ()) and not (spec.get("uid_mappings") and spec.get("gid_mappings")):
         raise ProcessError("invalid", "a user namespace needs uid_mappings and gid_mappings")
+    _validate_join(spec)
     for mount in spec.get("mounts", []):
         if not mount["destination"].startswith("/"):
             raise ProcessError("invalid", f"mount destination {mount['destination']!r} is not absolute")
         if mount.get("from") == "guest" and not mount.get("source", "").startswith("/dev/"):
             raise ProcessError("invalid", f"a guest bind source must be a device under /dev: {mount.get('source')!r}")
+
+
+def _validate_join(spec: dict) -> None:
+    join = spec.get("join", {})
+    for name, target in sorted(join.items()):
+        if name in spec.get("namespaces", ()):
+            raise ProcessError("invalid", f"the {name} namespace is both new and joined from container {target!r}")
+        if target == spec.get("container_id"):
+            raise ProcessError("invalid", f"container {target!r} cannot join its own {name} namespace")
+    if "uts" in join:
+        for item in spec.get("sysctl", []):
+            if item["key"] in UTS_SYSCTLS:
+                raise ProcessError("invalid", f"sysctl {item['key']} would change the uts namespace joined "
+                                              f"from container {join['uts']!r}")
 
 
 class Containers:
@@ -254,6 +285,46 @@ class Containers:
             except ProcessLookupError:
                 pass
 
+    # -- namespaces joined from other containers ------------------------------------
+    def check_join(self, spec: dict, pidfd_of) -> None:
+        """At create: a clear error now, not at start, when a container to
+        join does not exist or its init does not run (checked again at start)."""
+        _validate_join(spec)
+        for fd in self.open_joined(spec.get("join", {}), pidfd_of).values():
+            os.close(fd)
+
+    def open_joined(self, join: dict, pidfd_of) -> dict[str, int]:
+        """Namespace type -> a pidfd of the init whose namespace is joined.
+
+        `pidfd_of(process)` is the process table's: None once the init was
+        reaped. A pidfd rather than /proc/<pid>/ns/<type>: the pid of an init
+        that exited may by now be another process's, and setns() through a
+        pidfd fails (ESRCH) if its process has exited since, rather than
+        entering the namespaces of a dead pid namespace's init.
+        """
+        fds: dict[str, int] = {}
+        try:
+            for name, target_id in sorted(join.items()):
+                with self.lock:
+                    target = self.by_id.get(target_id)
+                what = f"cannot join the {name} namespace of container {target_id!r}"
+                if target is None:
+                    raise ProcessError("not_found", f"{what}: no such container")
+                fd = pidfd_of(target.init_process) if target.init_process is not None else None
+                if fd is None:
+                    raise ProcessError("state", f"{what}: it has no running init process")
+                fds[name] = fd
+                if _is_agents_namespace(target.init_pid, name):
+                    # Its init made none of that type: joining would put the
+                    # container in the guest's own, which a caller asking to
+                    # share a pod's namespace cannot mean.
+                    raise ProcessError("invalid", f"{what}: it has no {name} namespace of its own")
+        except BaseException:
+            for fd in fds.values():
+                os.close(fd)
+            raise
+        return fds
+
     # -- pid namespace: chosen in the parent, around fork ---------------------------
     def _pid_ns_switch(self, enter):
         """A callable for the process table: run `enter()` before fork (this
@@ -273,6 +344,17 @@ class Containers:
             return None
         return self._pid_ns_switch(lambda: self.sys.unshare(CLONE_NEWPID))
 
+    def joined_pid_namespace(self, container: Container, pidfd: int):
+        """The init is forked into the joined init's pid namespace (it is not
+        its pid 1, and is killed with the rest when that pid 1 exits)."""
+        def enter() -> None:
+            try:
+                self.sys.setns(pidfd, CLONE_NEWPID)
+            except OSError as exc:
+                raise ProcessError("state", f"cannot join the pid namespace of container {container.join['pid']!r}: "
+                                            f"{exc.strerror}") from None
+        return self._pid_ns_switch(enter)
+
     def write_id_maps(self, container: Container):
         if not container.user_namespace:
             return None
@@ -285,14 +367,28 @@ class Containers:
         return write
 
     # -- the init process -------------------------------------------------------------
-    def init_setup(self, container: Container):
-        """Set-up for the container's first process (runs in the child)."""
+    def init_setup(self, container: Container, joined: dict[str, int] | None = None):
+        """Set-up for the container's first process: (setup, which runs in the
+        child, cleanup, around_fork). `joined`: open_joined's pidfds, which
+        cleanup closes (it may be called more than once)."""
         sys_ = self.sys
         root = container.rootfs
         network_files = {dest: path for dest, path in NETWORK_FILES.items() if os.path.exists(path)}
+        joined = dict(joined or {})
+        entered = [(name, fd) for name, fd in sorted(joined.items()) if name != "pid"]
+        # The pod's uts namespace keeps its own names: the pod's hostname wins.
+        set_names = "uts" not in joined
 
         def setup() -> None:
             container.cgroup.enter()
+            # Before anything is mounted: an mqueue mount shows the ipc
+            # namespace of the process that makes it.
+            for name, fd in entered:
+                try:
+                    sys_.setns(fd, JOIN_FLAGS[name])
+                except OSError as exc:
+                    raise StepFailed(f"join the {name} namespace of container {container.join[name]!r}",
+                                     exc.errno or 0) from None
             # After entering: the new cgroup namespace is rooted at the container's cgroup.
             flags = CLONE_NEWNS  # always: the container's mounts must never touch the agent's view
             for name, flag in NAMESPACE_FLAGS.items():
@@ -312,12 +408,13 @@ class Containers:
                 mountlib.readonly_path(sys_, root, path)
             for key, value in container.sysctl:
                 # Through the guest's /proc: the VM is the container's own, and the
-                # namespaced keys resolve to the namespaces just made.
+                # namespaced keys resolve to the namespaces just made or joined
+                # (an ipc key in a joined namespace is the pod's, as under runc).
                 with open("/proc/sys/" + key.replace(".", "/"), "w") as f:
                     f.write(value)
-            if container.hostname:
+            if container.hostname and set_names:
                 sys_.sethostname(container.hostname)
-            if container.domainname:
+            if container.domainname and set_names:
                 sys_.setdomainname(container.domainname)
             if container.readonly:
                 sys_.mount("", root, "", MS_REMOUNT | MS_BIND | MS_RDONLY
@@ -328,7 +425,16 @@ class Containers:
             if container.user_namespace:
                 sys_.unshare(CLONE_NEWUSER)
                 ask_parent_for_id_maps()
-        return setup
+
+        def cleanup() -> None:
+            while joined:
+                os.close(joined.popitem()[1])
+
+        if "pid" in joined:
+            around_fork = self.joined_pid_namespace(container, joined["pid"])
+        else:
+            around_fork = self.new_pid_namespace(container)
+        return setup, cleanup, around_fork
 
     # -- further processes -----------------------------------------------------------
     def join_setup(self, container: Container):
@@ -344,7 +450,8 @@ class Containers:
         try:
             fds = [(ns_fd(name), flag) for name, flag in joined]
             root_fd = os.open(f"/proc/{pid}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            pid_fd = ns_fd("pid") if "pid" in container.namespaces else None
+            # A joined pid namespace is the init's as much as one it made.
+            pid_fd = ns_fd("pid") if "pid" in container.namespaces or "pid" in container.join else None
             user_fd = ns_fd("user") if container.user_namespace else None
         except OSError:
             raise ProcessError("state", f"the init process of container {container.id!r} is gone") from None
@@ -372,6 +479,15 @@ class Containers:
         if pid_fd is not None:
             around_fork = self._pid_ns_switch(lambda: sys_.setns(pid_fd, CLONE_NEWPID))
         return setup, cleanup, around_fork
+
+
+def _is_agents_namespace(pid: int | None, name: str) -> bool:
+    """Whether process `pid` is in the agent's own namespace of type `name`
+    (False when that cannot be read: setns through the pidfd then tells)."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/{name}").st_ino == os.stat(f"/proc/self/ns/{name}").st_ino
+    except OSError:
+        return False
 
 
 def _spec_mounts(sys_, container: Container, network_files: dict) -> None:

@@ -84,7 +84,10 @@ class Handlers:
 
     def rpc_create_container(self, args: dict) -> dict:
         seccomp_filter = _seccomp_filter(args.get("seccomp"))
-        container = self._containers().create(args["container_id"], args["mount_tag"], args, args.get("resources"))
+        containers = self._containers()
+        if args.get("join"):
+            containers.check_join(args, self.table.pidfd)
+        container = containers.create(args["container_id"], args["mount_tag"], args, args.get("resources"))
         container.seccomp = seccomp_filter
         return {}
 
@@ -204,10 +207,17 @@ class Handlers:
         container = containers.get(proc.container_id)
         proc.seccomp = container.seccomp  # init and exec alike
         if proc.init:
-            pid = launch(process_id, setup=containers.init_setup(container),
-                         around_fork=containers.new_pid_namespace(container),
-                         write_id_maps=containers.write_id_maps(container))
+            # The namespaces it joins are looked up now, when they are entered:
+            # their init may have exited since create_container.
+            joined = containers.open_joined(container.join, self.table.pidfd)
+            setup, cleanup, around_fork = containers.init_setup(container, joined)
+            try:
+                pid = launch(process_id, setup=setup, cleanup=cleanup, around_fork=around_fork,
+                             write_id_maps=containers.write_id_maps(container))
+            finally:
+                cleanup()  # the launch may fail before it closes them itself
             container.init_pid = pid
+            container.init_process = proc
             return pid
         setup, cleanup, around_fork = containers.join_setup(container)
         return launch(process_id, setup=setup, cleanup=cleanup, around_fork=around_fork)

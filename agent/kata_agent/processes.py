@@ -122,6 +122,22 @@ class ProcessTable:
             raise ProcessError("not_found", f"no process {process_id!r}")
         return proc
 
+    def pidfd(self, proc: Process) -> int | None:
+        """A pidfd of `proc` while it has not been reaped, else None.
+
+        Its pid is checked and the pidfd opened under the lock the reaper
+        records exits under: a pid once reaped may be another process's, but
+        one still in by_pid is this process's, and the pidfd then stays
+        this process's (setns through it fails with ESRCH once it has exited).
+        """
+        with self.lock:
+            if proc.pid is None or self.by_pid.get(proc.pid) is not proc:
+                return None
+            try:
+                return os.pidfd_open(proc.pid)
+            except ProcessLookupError:  # reaped a moment ago, not yet recorded
+                return None
+
     # -- lifecycle --------------------------------------------------------------
     def create(self, process_id, argv, env, cwd, tty, streams, rows=0, cols=0) -> Process:
         with self.lock:

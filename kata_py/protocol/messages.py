@@ -63,6 +63,10 @@ RESOURCES = {"type": "object", "properties": {
 MAX_MOUNTS = 1024
 MAX_DEVICES = 1024
 GUEST_NAMESPACES = ("pid", "mount", "ipc", "uts", "cgroup", "user")
+# The namespaces a container may join instead of making its own: those of
+# another container's init, named by its agent id (a pod's containers join
+# its sandbox container's uts, ipc and, when the pod shares it, pid).
+JOINABLE_NAMESPACES = ("uts", "ipc", "pid")
 SYSCTL_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\Z"
 _guest_path = {"type": "string", "minLength": 1, "maxLength": 4096, "pattern": "^/"}
 _share_entry = {"type": "string", "minLength": 1, "maxLength": 255, "pattern": r"^[A-Za-z0-9_.-]+\Z"}
@@ -211,6 +215,11 @@ REQUESTS: dict[str, tuple[dict, dict]] = {
             "key": {"type": "string", "minLength": 1, "maxLength": 256, "pattern": SYSCTL_PATTERN},
             "value": {"type": "string", "maxLength": 4096}}, required=["key", "value"])},
         "no_pivot": {"type": "boolean"},
+        # Namespace type -> the container whose init's namespace of that type
+        # this container's init enters (setns) instead of making one: a type
+        # named here is not in `namespaces`. A joined uts namespace keeps its
+        # hostname and domainname: this container's are not set.
+        "join": _obj({name: _process_id for name in JOINABLE_NAMESPACES}),
     }, required=["container_id", "mount_tag"]), _empty),
     # Kill what runs in the container, remove its cgroup, unmount its share.
     "delete_container": (_obj({"container_id": _process_id}, required=["container_id"]), _empty),
