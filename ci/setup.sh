@@ -11,6 +11,9 @@ PACKAGES=(
   lz4                   # guest initramfs compression
   busybox-static        # test bundles (a rootfs built locally; no registry)
   golang-github-opencontainers-specs-dev  # the official OCI runtime-spec JSON schemas
+  golang-github-containerd-containerd-dev # containerd's .proto files (the shim v2's messages)
+  golang-github-containerd-cgroups-dev    # cgroup metrics .proto (the shim's Stats)
+  golang-github-gogo-protobuf-dev golang-github-gogo-googleapis-dev  # what those protos import
   podman conmon containerd                # the engines the end-to-end tests drive kata-py with
   containernetworking-plugins             # podman's network backend (bridge, host-local, portmap)
   iptables                                # the NAT rules of podman's bridge network and -p
@@ -52,7 +55,13 @@ if [ ! -e "$stamp" ]; then
   touch "$stamp"
 fi
 
-# `kata-py` on PATH for engines' configs (contrib/): a link to this checkout's venv.
-if [ ! -e /usr/local/bin/kata-py ] || [ -L /usr/local/bin/kata-py ]; then
-  ln -sfn "$PWD/$VENV/bin/kata-py" /usr/local/bin/kata-py
-fi
+# `kata-py` and the shim on PATH for engines' configs (contrib/): links to this
+# checkout's venv (containerd finds io.containerd.kata-py.v2 as
+# containerd-shim-kata-py-v2 on its PATH).
+for tool in kata-py containerd-shim-kata-py-v2; do
+  if [ ! -e "/usr/local/bin/$tool" ] || [ -L "/usr/local/bin/$tool" ]; then
+    ln -sfn "$PWD/$VENV/bin/$tool" "/usr/local/bin/$tool"
+  fi
+done
+# containerd's messages for the shim, compiled once from Debian's .proto files (cached).
+"$VENV/bin/python" -m kata_py.shim.protos >/dev/null

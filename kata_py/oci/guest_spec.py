@@ -59,7 +59,7 @@ def guest_mounts(config: dict, bundle: str, share: PlannedShare | None) -> list[
 
 
 def create_container_args(agent_id: str, config: dict, bundle: str, share: PlannedShare | None,
-                          no_pivot: bool = False) -> dict:
+                          no_pivot: bool = False, rootfs_entry: str = ROOTFS_ENTRY) -> dict:
     linux = config.get("linux") or {}
     root = config.get("root") or {}
     args = {
@@ -76,7 +76,7 @@ def create_container_args(agent_id: str, config: dict, bundle: str, share: Plann
         "no_pivot": no_pivot,
     }
     if share is not None:
-        args["rootfs_path"] = ROOTFS_ENTRY
+        args["rootfs_path"] = rootfs_entry
     if config.get("domainname"):
         args["domainname"] = config["domainname"]
     if linux.get("rootfsPropagation"):

@@ -75,11 +75,12 @@ class PlannedShare:
     records each bind source and the entry name it will have, which the
     owner then binds in the same order (ContainerShare's naming)."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix        # several containers share one export (a pod's VM)
         self.binds: list[dict] = []
 
     def add(self, source: str, readonly: bool = False, recursive: bool = True) -> str:
-        name = f"m{len(self.binds)}"
+        name = f"{self.prefix}m{len(self.binds)}"
         self.binds.append({"source": source, "name": name, "readonly": readonly, "recursive": recursive})
         return name
 
