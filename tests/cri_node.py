@@ -1,7 +1,7 @@
 """A Kubernetes node in miniature for the CRI tests: containerd 1.6 with its CRI
-plugin, running inside a network namespace of the test's own, with kata-py as
-the `kata-py` runtime handler exactly as contrib/containerd/config.toml ships
-it, a bridge + host-local CNI network private to that namespace, and the
+plugin, running inside a network namespace of the test's own, with kata-py's
+runtime handlers exactly as contrib/containerd/config.toml ships them (`kata-py`:
+its shim v2; `kata-py-runc`: the runc shim driving its CLI), a bridge + host-local CNI network private to that namespace, and the
 busybox and pause images built locally. It is driven only over the CRI's gRPC
 API (`cri_api`), as kubelet drives it.
 
@@ -26,7 +26,8 @@ from tests.engines import IMAGE, Podman, image_tar, kata_binary
 
 REPO = Path(__file__).resolve().parent.parent
 CONTRIB_CONFIG = REPO / "contrib" / "containerd" / "config.toml"
-HANDLER = "kata-py"
+HANDLER = "kata-py-runc"     # the runc shim driving kata-py's CLI
+SHIM_HANDLER = "kata-py"    # kata-py's shim v2: one VM per pod
 PAUSE_IMAGE = "localhost/pause:kata-py"
 NAMESPACE = "k8s.io"
 # The runc shim's runtime root for the CRI's namespace (no `Root` option is set).
@@ -306,12 +307,12 @@ class Node:
                                                               ipc=api_pb2.POD))),
         )
 
-    def run_pod(self, name: str):
-        """RunPodSandbox with the kata-py handler; returns (pod id, config)."""
+    def run_pod(self, name: str, handler: str = HANDLER):
+        """RunPodSandbox with a kata-py handler; returns (pod id, config)."""
         from cri_api.v1 import api_pb2
 
         config = self.pod_config(name)
-        reply = self.runtime.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=config, runtime_handler=HANDLER),
+        reply = self.runtime.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=config, runtime_handler=handler),
                                            timeout=RPC_TIMEOUT)
         self.pod_ids.add(reply.pod_sandbox_id)
         path = self.pod_netns_path(reply.pod_sandbox_id)

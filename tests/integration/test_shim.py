@@ -1,0 +1,167 @@
+"""kata-py's containerd shim v2 (io.containerd.kata-py.v2) under a real
+containerd 1.6: `ctr` driving one container, and the CRI driving a pod of two
+containers in one VM, through the `kata-py` handler of contrib/containerd/
+config.toml as shipped. containerd runs in a private "node" network namespace
+(tests/cri_node.py); nothing touches the host's."""
+
+import os
+import re
+import subprocess
+import time
+
+import pytest
+
+from tests.cri_node import NETNS_DIR, SHIM_HANDLER, Node, mounts_under, wait_for
+from tests.engines import IMAGE, leftover_processes
+
+pytestmark = pytest.mark.vm
+
+RUNTIME = "io.containerd.kata-py.v2"
+SHIM = b"containerd-shim-kata-py-v2"
+
+
+def shim_processes() -> list[str]:
+    """Daemons of kata-py's shim (`start` and `delete` runs end at once)."""
+    found = []
+    for proc in os.listdir("/proc"):
+        if not proc.isdigit():
+            continue
+        try:
+            argv = open(f"/proc/{proc}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if b"kata_py.shim.main" in argv or (argv and argv[0].endswith(SHIM)):
+            found.append(f"{proc}: {b' '.join(argv).decode(errors='replace')[:160]}")
+    return found
+
+
+def qemus_of_pods() -> list[int]:
+    found = []
+    for proc in os.listdir("/proc"):
+        if proc.isdigit():
+            try:
+                argv = open(f"/proc/{proc}/cmdline", "rb").read()
+            except OSError:
+                continue
+            if b"qemu-system" in argv and b"kata-py-pod-" in argv:
+                found.append(int(proc))
+    return found
+
+
+@pytest.fixture(scope="module")
+def node(image):
+    made = Node()
+    try:
+        made.start()
+        made.import_images()
+        yield made
+    finally:
+        made.stop()
+    assert shim_processes() == []
+    assert qemus_of_pods() == []
+    assert leftover_processes() == []
+    assert not (NETNS_DIR / made.netns).exists()
+    assert mounts_under([made.directory]) == []
+
+
+def ctr_ok(node: Node, *args, timeout: float = 180) -> str:
+    result = node.ctr(*args, timeout=timeout)
+    assert result.returncode == 0, (args, result.stderr.decode(errors="replace")[-2000:],
+                                    node.log_tail(20, only_errors=True))
+    return result.stdout.decode(errors="replace")
+
+
+def assert_pods_gone(node: Node) -> None:
+    wait_for(lambda: not shim_processes() and not qemus_of_pods(), 30, 0.2, "the shim and its VM to end")
+    assert node.taps() == []
+
+
+@pytest.mark.parametrize("script,status", [("true", 0), ("exit 7", 7)])
+def test_ctr_run_gives_the_exit_status(node, script, status):
+    name = f"exit{status}"
+    result = node.ctr("run", "--rm", "--runtime", RUNTIME, IMAGE, name, "sh", "-c", f"echo out-{status}; {script}")
+    assert result.returncode == status, result.stderr
+    assert result.stdout == f"out-{status}\n".encode()
+    assert_pods_gone(node)
+
+
+def test_ctr_run_of_a_killed_container_exits_137(node):
+    """SIGKILL from outside (a container's init ignores its own)."""
+    name = "killed"
+    run = subprocess.Popen(["ctr", "-a", str(node.socket), "-n", "k8s.io", "run", "--rm", "--runtime", RUNTIME,
+                            IMAGE, name, "sleep", "1000"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: re.search(rf"{name}\s+\d+\s+RUNNING", node.ctr("task", "ls").stdout.decode()),
+                 120, 0.3, "the task to run")
+        ctr_ok(node, "task", "kill", "--signal", "SIGKILL", name)
+        assert run.wait(timeout=60) == 137, run.stderr.read()
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert_pods_gone(node)
+
+
+def test_ctr_exec_pause_resume_metrics_kill(node):
+    name = "ticker"
+    counter = "trap 'exit 3' TERM; i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.2; done"
+    ctr_ok(node, "run", "-d", "--runtime", RUNTIME, IMAGE, name, "sh", "-c", counter)
+    try:
+        wait_for(lambda: node.ctr("task", "exec", "--exec-id", "w", name, "cat", "/tmp/n").returncode == 0,
+                 60, 0.5, "the counter")
+        out = ctr_ok(node, "task", "exec", "--exec-id", "e1", name, "sh", "-c", "echo exec-ok; cat /tmp/n")
+        assert out.startswith("exec-ok\n")
+        # Paused is the whole VM stopped: the counter does not advance.
+        before = int(ctr_ok(node, "task", "exec", "--exec-id", "e2", name, "cat", "/tmp/n"))
+        ctr_ok(node, "task", "pause", name)
+        assert re.search(rf"{name}\s+\d+\s+PAUSED", ctr_ok(node, "task", "ls"))
+        time.sleep(3)           # 15 ticks if it ran
+        ctr_ok(node, "task", "resume", name)
+        after = int(ctr_ok(node, "task", "exec", "--exec-id", "e3", name, "cat", "/tmp/n"))
+        assert after - before < 10, (before, after)
+        metrics = ctr_ok(node, "task", "metrics", name)
+        usage = re.search(r"memory\.usage_in_bytes\s+(\d+)|memory.usage\s+(\d+)|usage\s+(\d+)", metrics)
+        assert usage and int(next(g for g in usage.groups() if g)) > 0, metrics
+        assert re.search(r"RUNNING", ctr_ok(node, "task", "ls"))
+        ctr_ok(node, "task", "kill", name)      # SIGTERM, which the script traps
+        wait_for(lambda: "STOPPED" in node.ctr("task", "ls").stdout.decode(), 30, 0.2, "the task to stop")
+    finally:
+        node.ctr("task", "delete", "--force", name)
+        node.ctr("container", "delete", name)
+    assert_pods_gone(node)
+
+
+def test_cri_pod_is_one_vm_whose_containers_share_localhost(node):
+    from cri_api.v1 import api_pb2
+
+    pod_id, pod_config = node.run_pod("shimpod", handler=SHIM_HANDLER)
+    try:
+        server = node.create_container(pod_id, pod_config, "web", [
+            "sh", "-c", "mkdir -p /www && echo pod-ok > /www/index.html && exec httpd -f -p 8080 -h /www"])
+        node.start_container(server)
+        client = node.create_container(pod_id, pod_config, "client", ["sleep", "1000"])
+        node.start_container(client)
+        assert len(qemus_of_pods()) == 1
+        fetch = ["sh", "-c", "for i in 1 2 3 4 5 6 7 8 9 10; do wget -qO- http://127.0.0.1:8080/ && exit 0; "
+                             "sleep 1; done; exit 1"]
+        reply = node.runtime.ExecSync(api_pb2.ExecSyncRequest(container_id=client, cmd=fetch, timeout=60),
+                                      timeout=90)
+        assert (reply.exit_code, reply.stdout) == (0, b"pod-ok\n"), reply.stderr
+        reply = node.runtime.ExecSync(api_pb2.ExecSyncRequest(container_id=client, cmd=["hostname"], timeout=30),
+                                      timeout=60)
+        assert reply.stdout == b"shimpod\n"
+        reply = node.runtime.ExecSync(api_pb2.ExecSyncRequest(container_id=server, cmd=["sh", "-c", "echo $$"],
+                                                              timeout=30), timeout=60)
+        assert reply.exit_code == 0
+        # The pod IP answers from the node.
+        ip = node.pod_status(pod_id).status.network.ip
+        fetched = subprocess.run(["nsenter", f"--net={NETNS_DIR / node.netns}", "busybox", "wget", "-qO-",
+                                  f"http://{ip}:8080/"], capture_output=True, timeout=60)
+        assert fetched.stdout == b"pod-ok\n", fetched.stderr
+        stats = node.runtime.ContainerStats(api_pb2.ContainerStatsRequest(container_id=server), timeout=60).stats
+        assert stats.memory.working_set_bytes.value > 0 or stats.memory.usage_bytes.value > 0, stats
+    finally:
+        problems = node.remove_everything()
+    assert problems == []
+    assert_pods_gone(node)
