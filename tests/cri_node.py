@@ -12,6 +12,7 @@ is one containerd makes under /run/netns.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ import time
 import tomllib
 from pathlib import Path
 
-from tests.engines import IMAGE, Podman, image_tar, kata_binary
+from tests.engines import IMAGE, Podman, image_tar, kata_binary, leftover_processes
 
 REPO = Path(__file__).resolve().parent.parent
 CONTRIB_CONFIG = REPO / "contrib" / "containerd" / "config.toml"
@@ -517,3 +518,20 @@ class Node:
                     os.kill(int(proc.name), signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+
+@contextlib.contextmanager
+def running_node():
+    """A started node with the images imported, for a test module; once it is
+    stopped, nothing of it may be left: no kata-py process, no network
+    namespace, no mount under its directory."""
+    made = Node()
+    try:
+        made.start()
+        made.import_images()
+        yield made
+    finally:
+        made.stop()
+    assert leftover_processes() == []
+    assert not (NETNS_DIR / made.netns).exists()
+    assert mounts_under([made.directory]) == []

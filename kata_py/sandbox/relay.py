@@ -24,10 +24,8 @@ from pathlib import Path
 from ..errors import ConfigError, KataError
 from ..timing import mark
 from .agent_sync import transport_of
-from .console import HostConsole
 from .handle import ReattachedSandbox
-from .process import ProcessSession
-from .single import MAX_LAUNCH, StatusPipe, detach_stdio, stdio_of
+from .single import MAX_LAUNCH, StatusPipe, console_session, detach_stdio, relay_to_end
 
 log = logging.getLogger("kata_py.relay")
 CONNECT_TIMEOUT = 10.0
@@ -49,26 +47,12 @@ async def run_in(handle: ReattachedSandbox, agent_id: str, spec: dict, terminal:
     """Start `spec` in the container and relay it until it exits; its status."""
     console = None
     try:
-        if terminal:
-            if not console_socket:
-                raise ConfigError("exec with a terminal needs --console-socket")
-            console = HostConsole()
-            console.send_master(console_socket)
-            rows, cols = console.size()
-            spec = dict(spec)
-            spec.setdefault("rows", rows)
-            spec.setdefault("cols", cols)
-        session = ProcessSession(handle, spec["argv"], env=spec["env"], cwd=spec["cwd"], user=spec["user"],
-                                 security=spec["security"], rows=spec.get("rows", 0), cols=spec.get("cols", 0),
-                                 container_id=agent_id, **stdio_of(console))
+        session, console = console_session(handle, spec, agent_id, terminal, console_socket)
         await session.create()
         await session.start()
         if report is not None:
             report.send("ok", {"process": session.process_id, "guest_pid": session.pid})
-        if console is not None:
-            console.attach_session(session)
-        session.forward_signals()
-        return await session.relay_and_wait()
+        return await relay_to_end(session, console)
     finally:
         if console is not None:
             console.close()

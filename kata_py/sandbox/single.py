@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ..errors import ConfigError
 from .console import HostConsole
@@ -125,22 +124,47 @@ def bind_into(export: ContainerShare, launch: Launch) -> None:
             raise ConfigError(f"bind {bind['source']}: exported as {name}, not {bind['name']}")
 
 
+def console_session(handle: SandboxHandle, spec: dict, agent_id: str, terminal: bool,
+                    console_socket: str | None, **kwargs) -> tuple[ProcessSession, HostConsole | None]:
+    """A session for `spec` (create_process arguments) whose stdio is this
+    process's own, or with a terminal a new host pty, its master sent to
+    `console_socket` (the caller's terminal size is the process's)."""
+    console = None
+    if terminal:
+        if not console_socket:
+            raise ConfigError("a process with a terminal needs --console-socket")
+        console = HostConsole()
+        try:
+            console.send_master(console_socket)
+        except BaseException:
+            console.close()
+            raise
+        rows, cols = console.size()
+        spec = dict(spec)
+        spec.setdefault("rows", rows)
+        spec.setdefault("cols", cols)
+    session = ProcessSession(handle, spec["argv"], env=spec["env"], cwd=spec["cwd"], user=spec["user"],
+                             security=spec["security"], rows=spec.get("rows", 0), cols=spec.get("cols", 0),
+                             container_id=agent_id, **stdio_of(console), **kwargs)
+    return session, console
+
+
+async def relay_to_end(session: ProcessSession, console: HostConsole | None) -> int:
+    """Relay the started process's stdio, and this process's signals and
+    window size, until it exits; its exit status."""
+    if console is not None:
+        console.attach_session(session)
+    session.forward_signals()
+    return await session.relay_and_wait()
+
+
 async def run_init(sandbox: SandboxHandle, launch: Launch, report: StatusPipe) -> int:
     """Create the container and its init, report, then relay the init's stdio
     until it exits; its exit status."""
     await sandbox.agent.request("create_container", launch.create)
-    console = HostConsole() if launch.terminal else None
+    session, console = console_session(sandbox, launch.process, launch.agent_id, launch.terminal,
+                                       launch.console_socket, init=True, process_id=INIT_PROCESS)
     try:
-        spec = dict(launch.process)
-        if console is not None:
-            console.send_master(launch.console_socket)
-            rows, cols = console.size()
-            spec.setdefault("rows", rows)
-            spec.setdefault("cols", cols)
-        session = ProcessSession(sandbox, spec["argv"], env=spec["env"], cwd=spec["cwd"], user=spec["user"],
-                                 security=spec["security"], rows=spec.get("rows", 0), cols=spec.get("cols", 0),
-                                 container_id=launch.agent_id, init=True, process_id=INIT_PROCESS,
-                                 **stdio_of(console))
         await session.create()
         guest_pid = await session.prepare()
         # The container's namespaces exist now (its init waits at the barrier).
@@ -148,10 +172,7 @@ async def run_init(sandbox: SandboxHandle, launch: Launch, report: StatusPipe) -
                               dict(launch.hook_state, pid=os.getpid()))
         report.send("ok", {"run_dir": str(sandbox.run_dir), "vsock": sandbox.transport.address(),
                            "init_process": session.process_id, "guest_pid": guest_pid})
-        if console is not None:
-            console.attach_session(session)
-        session.forward_signals()
-        return await session.relay_and_wait()
+        return await relay_to_end(session, console)
     finally:
         if console is not None:
             console.close()

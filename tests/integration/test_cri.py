@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import LOGS, RUN_DIR
 from tests.cri_node import (CONTRIB_CONFIG, GATEWAY, HANDLER, NETNS_DIR, PAUSE_IMAGE, RUNC_ROOT, SUBNET, TAP_PREFIX,
-                            Node, cni_namespaces, links_in, mounts_under, wait_for)
+                            Node, cni_namespaces, links_in, mounts_under, running_node, wait_for)
 from tests.engines import IMAGE, kata_binary, leftover_processes
 
 pytestmark = pytest.mark.vm
@@ -55,18 +55,10 @@ def netns_inode(path: str) -> int:
 
 @pytest.fixture(scope="module")
 def node(image):
-    made = Node()
-    try:
-        made.start()
-        made.import_images()
+    with running_node() as made:
         yield made
-    finally:
-        made.stop()
-    assert leftover_processes() == []
     assert shims_of(made) == []
-    assert not (NETNS_DIR / made.netns).exists()
     assert not made.directory.exists()
-    assert mounts_under([made.directory]) == []
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from tests.cri_node import NETNS_DIR, SHIM_HANDLER, Node, mounts_under, wait_for
-from tests.engines import IMAGE, leftover_processes
+from tests.cri_node import NETNS_DIR, SHIM_HANDLER, Node, running_node, wait_for
+from tests.engines import IMAGE
 
 pytestmark = pytest.mark.vm
 
@@ -50,18 +50,10 @@ def qemus_of_pods() -> list[int]:
 
 @pytest.fixture(scope="module")
 def node(image):
-    made = Node()
-    try:
-        made.start()
-        made.import_images()
+    with running_node() as made:
         yield made
-    finally:
-        made.stop()
     assert shim_processes() == []
     assert qemus_of_pods() == []
-    assert leftover_processes() == []
-    assert not (NETNS_DIR / made.netns).exists()
-    assert mounts_under([made.directory]) == []
 
 
 def ctr_ok(node: Node, *args, timeout: float = 180) -> str:
