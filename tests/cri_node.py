@@ -225,7 +225,10 @@ class Node:
         (cni_dir / "10-kpt-cri.conflist").write_text(json.dumps(cni_conflist(self.directory / "ipam"), indent=1))
         self.pods_dir.mkdir()
         self.config_path.write_text(to_toml(containerd_config(self.directory, cni_dir)))
-        log = open(self.log_path, "wb")
+        self._launch()
+
+    def _launch(self) -> None:
+        log = open(self.log_path, "ab")
         # nsenter --net only: `ip netns exec` would remount /sys, hiding the
         # host's cgroup mounts from containerd and its shims.
         self.proc = subprocess.Popen(["nsenter", f"--net={NETNS_DIR / self.netns}", "containerd", "--config",
@@ -236,6 +239,16 @@ class Node:
         assert self.proc.poll() is None, "containerd exited:\n" + self.log_tail()
         self._connect()
         wait_for(self._ready, 60, 0.2, "the CRI's RuntimeReady and NetworkReady")
+
+    def restart_containerd(self) -> None:
+        """containerd SIGKILLed and started again on the same state, as a
+        node's supervisor would: its shims live on, and it reconnects to them."""
+        self.proc.kill()
+        self.proc.wait()
+        if self.channel is not None:
+            self.channel.close()
+        self.socket.unlink(missing_ok=True)
+        self._launch()
 
     def _connect(self) -> None:
         import grpc
@@ -513,7 +526,8 @@ class Node:
                 argv = (proc / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if argv and argv[0].endswith(b"containerd-shim-runc-v2") and needle in argv:
+            ours = argv and (argv[0].endswith(b"containerd-shim-runc-v2") or b"kata_py.shim.main" in argv)
+            if ours and needle in argv:
                 try:
                     os.kill(int(proc.name), signal.SIGKILL)
                 except ProcessLookupError:

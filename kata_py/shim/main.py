@@ -187,11 +187,12 @@ def clean_up_pod(key: str) -> None:
     from ..network import detach_container_recorded
     from ..sandbox.share import remove_share_dir
     from ..vmm.host_cgroup import remove_host_cgroups
+    from .pod import vm_dir
 
     directory = pod_dir(key)
     if (directory / "network.json").exists():
         detach_container_recorded(directory)        # reads <dir>/network.json
-    vm = directory / "vm"
+    vm = vm_dir(directory, key)
     if vm.exists():
         shutil.rmtree(vm, ignore_errors=True)
         remove_host_cgroups(vm.name)

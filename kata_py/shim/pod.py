@@ -136,7 +136,7 @@ class Proc:
                 raise
             except Exception as exc:     # the VM went away: the process is gone with it
                 log.warning("process %s of %s: %s", self.exec_id or "init", self.task.id, exc)
-                status = 255
+                status = 128 + 9
             self.exited(status)
             pod.process_exited(self)
         self.relay = asyncio.ensure_future(run())
@@ -231,6 +231,42 @@ def unmount_all(targets: list[str]) -> None:
     targets.clear()
 
 
+def pod_vm_size(config: dict) -> tuple[int, int]:
+    """(memory MiB, vCPUs) of a pod's VM, from its first container's spec:
+    the CRI's pod annotations (the sum of the pod's containers' limits, as
+    containerd passes them to the sandbox container) when present, else that
+    container's own resources; at least POD_MEMORY_MIB without a pod figure."""
+    import math
+
+    from ..oci.process_spec import GUEST_OVERHEAD_MIB, MAX_MEMORY_MIB, vm_size
+
+    memory, cpus = vm_size(config)
+    annotations = config.get("annotations") or {}
+    try:
+        pod_memory = int(annotations.get("io.kubernetes.cri.sandbox-memory") or 0)
+        quota = int(annotations.get("io.kubernetes.cri.sandbox-cpu-quota") or 0)
+        period = int(annotations.get("io.kubernetes.cri.sandbox-cpu-period") or 0) or 100000
+    except ValueError as exc:
+        raise PodError("invalid", f"a CRI sandbox annotation is not a number: {exc}") from exc
+    if pod_memory > 0:
+        memory = max(memory, math.ceil(pod_memory / (1 << 20)) + GUEST_OVERHEAD_MIB)
+    else:
+        memory = max(memory, POD_MEMORY_MIB)
+    if memory > MAX_MEMORY_MIB:
+        raise PodError("invalid", f"the pod needs a {memory} MiB VM; the most kata-py gives one VM is "
+                                  f"{MAX_MEMORY_MIB} MiB")
+    if quota > 0:
+        cpus = max(cpus, min(math.ceil(quota / period), os.cpu_count() or 1))
+    return memory, cpus
+
+
+def vm_dir(pod_dir: Path, key: str) -> Path:
+    """The VM's run directory, beside the pod's (its sockets' paths must stay
+    under AF_UNIX's 108 bytes); its host cgroups take its name, so it is the
+    pod's own."""
+    return pod_dir.parent / f"vm-{key}"
+
+
 class Pod:
     """The VM and the containers in it."""
 
@@ -252,11 +288,19 @@ class Pod:
         from ..image import ensure_image
         from ..network.attach import attach
         from ..network.guard import network_entry, open_carriable
-        from ..oci.process_spec import vm_size
         from ..sandbox.sandbox import Sandbox, Share
+        from ..vmm.host_cgroup import HostLimits
 
-        memory, cpus = vm_size(config)
-        self.memory_mib = max(memory, POD_MEMORY_MIB)
+        self.memory_mib, cpus = pod_vm_size(config)
+        # The pod's host cgroup: the first container's cgroupsPath (under CRI
+        # the sandbox container's, <cgroup_parent>/<sandbox id>). A sandbox
+        # container's resources are the pause process's (cpu shares 2), not
+        # the pod's, whose limits kubelet puts on the cgroup parent: the VM's
+        # RAM bounds its memory there. A lone container's (ctr run) are its own.
+        linux = config.get("linux") or {}
+        cgroups_path = linux.get("cgroupsPath") or None
+        pause = (config.get("annotations") or {}).get("io.kubernetes.cri.container-type") in SANDBOX_TYPES
+        limits = HostLimits() if pause else HostLimits.from_resources(linux.get("resources"))
         self.export = ContainerShare(self.run_dir / "share")
         _, path = network_entry(config)
         if path is not None:
@@ -264,9 +308,13 @@ class Pod:
         self.network = await asyncio.to_thread(attach, path, self.run_dir / "network.json",
                                                config.get("hostname") or "")
         self.sandbox = Sandbox(ensure_image(progress=False), memory_mib=self.memory_mib, cpus=cpus,
-                               run_dir=self.run_dir / "vm", shares=[Share(TAG, self.export.path)],
-                               name=f"kata-py-pod-{self.id[:32]}", nics=self.network.nics)
+                               run_dir=vm_dir(self.run_dir, self.id), shares=[Share(TAG, self.export.path)],
+                               name=f"kata-py-pod-{self.id[:32]}", nics=self.network.nics,
+                               host_cgroup=cgroups_path, host_limits=limits)
         await self.sandbox.start()
+        # This shim serves the pod for its whole life: accounted with it, and
+        # moved back out before the cgroup is removed when the VM ends.
+        self.sandbox.adopt_host_process(os.getpid())
         await self.sandbox.agent.request("configure_network", self.network.request, timeout=60)
         self.network.release()
         asyncio.ensure_future(self._watch_vm())
@@ -279,7 +327,7 @@ class Pod:
             for task in self.tasks.values():
                 for proc in [task.init, *task.execs.values()]:
                     if proc is not None and proc.status != "stopped":
-                        proc.exited(255)
+                        proc.exited(128 + 9)    # they died with the VM, as if SIGKILLed
                         self.process_exited(proc)
 
     async def stop(self) -> None:
@@ -328,7 +376,13 @@ class Pod:
             try:
                 _, config, rootfs = load_bundle(str(bundle))
                 if self.sandbox is None:
-                    await self.boot(config)
+                    try:
+                        await self.boot(config)
+                    except BaseException:
+                        await self.stop()   # what the boot made; the next create boots afresh
+                        self.sandbox = self.network = self.export = None
+                        self.gone = None
+                        raise
                 self.require_vm()
                 self.numbers += 1
                 task = Task(request.id, str(bundle), self.numbers, config)
@@ -455,10 +509,11 @@ class Pod:
                      pid=os.getpid(), exit_status=proc.exit_status, exited_at=proc.exited_at)
 
     async def kill(self, task: Task, exec_id: str, signum: int, all_processes: bool) -> None:
-        self.require_vm()
         proc = task.process(exec_id)
         if proc.status == "stopped":
+            # containerd takes NotFound as "nothing left to kill" (as from runc's shim)
             raise PodError("not_found", "process already finished")
+        self.require_vm()
         if task.paused:
             await self.resume(task)
         if all_processes and not exec_id and proc.status == "running":

@@ -28,6 +28,7 @@ _CODES = {"not_found": ttrpc.NotFound, "exists": ttrpc.AlreadyExists, "state": t
 
 
 def map_error(exc: Exception) -> ttrpc.RpcError | None:
+    log.info("answering an error: %r", exc, exc_info=log.isEnabledFor(logging.DEBUG))
     if isinstance(exc, PodError):
         return _CODES.get(exc.kind, ttrpc.Unknown)(str(exc))
     if isinstance(exc, KataError):

@@ -13,6 +13,7 @@ import pytest
 
 from tests.cri_node import NETNS_DIR, SHIM_HANDLER, Node, running_node, wait_for
 from tests.engines import IMAGE
+from tests.terminal import drive_tty
 
 pytestmark = pytest.mark.vm
 
@@ -56,6 +57,18 @@ def node(image):
     assert qemus_of_pods() == []
 
 
+def test_containerd_runs_this_trees_shim():
+    """containerd finds io.containerd.kata-py.v2 as containerd-shim-kata-py-v2 on
+    its PATH (ci/setup.sh links it): it must be this tree's, beside kata-py."""
+    import shutil
+
+    from tests.engines import kata_binary
+
+    found = shutil.which(SHIM.decode())
+    assert found and os.path.realpath(found) == os.path.realpath(os.path.join(os.path.dirname(kata_binary()),
+                                                                              SHIM.decode()))
+
+
 def ctr_ok(node: Node, *args, timeout: float = 180) -> str:
     result = node.ctr(*args, timeout=timeout)
     assert result.returncode == 0, (args, result.stderr.decode(errors="replace")[-2000:],
@@ -92,6 +105,19 @@ def test_ctr_run_of_a_killed_container_exits_137(node):
         if run.poll() is None:
             run.kill()
             run.wait()
+    assert_pods_gone(node)
+
+
+def test_ctr_run_with_a_terminal(node):
+    """`ctr run -t`: the container's stdio is a pty in the guest with ctr's
+    terminal size (ResizePty), input reaches it, its exit status comes back."""
+    argv = ["ctr", "-a", str(node.socket), "-n", "k8s.io", "run", "-t", "--rm", "--runtime", RUNTIME, IMAGE,
+            "tty1", "sh"]
+    session = [(b"", b"# "), (b"tty; test -t 0 && echo stdin-is-a-tty\r", b"stdin-is-a-tty"),
+               (b"stty size\r", b"33 97"), (b"echo $((6*7))-computed\r", b"42-computed"),
+               (b"exit 5\r", b"")]
+    status, _ = drive_tty(argv, session, rows=33, cols=97, timeout=120)
+    assert status == 5
     assert_pods_gone(node)
 
 
@@ -157,3 +183,60 @@ def test_cri_pod_is_one_vm_whose_containers_share_localhost(node):
         problems = node.remove_everything()
     assert problems == []
     assert_pods_gone(node)
+
+
+def pod_with_a_sleeper(node: Node, name: str):
+    pod_id, pod_config = node.run_pod(name, handler=SHIM_HANDLER)
+    container = node.create_container(pod_id, pod_config, "sleeper", ["sleep", "1000"])
+    node.start_container(container)
+    return pod_id, container
+
+
+def shim_pids() -> list[int]:
+    return [int(line.split(":", 1)[0]) for line in shim_processes()]
+
+
+def exit_code_when_exited(node: Node, container_id: str, timeout: float = 60) -> int:
+    from cri_api.v1 import api_pb2
+
+    def exited():
+        status = node.container_status(container_id)
+        return status if status.state == api_pb2.CONTAINER_EXITED else None
+    return wait_for(exited, timeout, 0.3, "the container to read as exited").exit_code
+
+
+def remove_and_check_nothing_left(node: Node, pod_id: str) -> None:
+    problems = node.remove_everything()
+    assert problems == [], problems
+    assert_pods_gone(node)
+    from kata_py.shim.main import shim_dir
+
+    assert not shim_dir().exists() or list(shim_dir().iterdir()) == []
+
+
+# A killed QEMU: the shim reports its containers SIGKILLed (137). A killed
+# shim: containerd's CRI loses the task's Wait and records its "unknown" exit
+# code, 255, as it does when runc's shim is killed.
+@pytest.mark.parametrize("victim,exit_code", [("shim", 255), ("qemu", 137)])
+def test_a_killed_shim_or_qemu_ends_the_pod_truthfully(node, victim, exit_code):
+    """The pod's container reads as exited, and removing the pod leaves
+    nothing: no QEMU, shim, tap or pod directory."""
+    pod_id, container = pod_with_a_sleeper(node, f"killed-{victim}")
+    [pid] = shim_pids() if victim == "shim" else qemus_of_pods()
+    os.kill(pid, 9)
+    assert exit_code_when_exited(node, container) == exit_code
+    remove_and_check_nothing_left(node, pod_id)
+
+
+def test_a_restarted_containerd_finds_the_pod_again(node):
+    from cri_api.v1 import api_pb2
+
+    pod_id, container = pod_with_a_sleeper(node, "survivor")
+    shims = shim_pids()
+    node.restart_containerd()
+    assert shim_pids() == shims                     # the shim outlived containerd
+    assert node.container_status(container).state == api_pb2.CONTAINER_RUNNING
+    reply = node.runtime.ExecSync(api_pb2.ExecSyncRequest(container_id=container, cmd=["echo", "still-here"],
+                                                          timeout=30), timeout=60)
+    assert reply.stdout == b"still-here\n", reply.stderr
+    remove_and_check_nothing_left(node, pod_id)
