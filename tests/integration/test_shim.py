@@ -240,3 +240,28 @@ def test_a_restarted_containerd_finds_the_pod_again(node):
                                                           timeout=30), timeout=60)
     assert reply.stdout == b"still-here\n", reply.stderr
     remove_and_check_nothing_left(node, pod_id)
+
+
+def test_task_events_reach_containerd_in_order(node):
+    """create, start, exit (with the status), delete; exec-added and
+    exec-started for an exec; paused and resumed: as containerd publishes them."""
+    events = subprocess.Popen(["ctr", "-a", str(node.socket), "events"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
+    name = "evented"
+    try:
+        ctr_ok(node, "run", "-d", "--runtime", RUNTIME, IMAGE, name, "sh", "-c", "sleep 3; exit 4")
+        ctr_ok(node, "task", "exec", "--exec-id", "x1", name, "true")
+        ctr_ok(node, "task", "pause", name)
+        ctr_ok(node, "task", "resume", name)
+        wait_for(lambda: "STOPPED" in node.ctr("task", "ls").stdout.decode(), 60, 0.2, "the task to stop")
+        ctr_ok(node, "task", "delete", name)
+        ctr_ok(node, "container", "delete", name)
+        time.sleep(1)
+    finally:
+        events.terminate()
+        seen = events.communicate(timeout=10)[0].decode(errors="replace")
+    topics = [m.group(1) for m in re.finditer(r" (/tasks/[a-z-]+) ", seen)]
+    assert topics == ["/tasks/create", "/tasks/start", "/tasks/exec-added", "/tasks/exec-started", "/tasks/exit",
+                      "/tasks/paused", "/tasks/resumed", "/tasks/exit", "/tasks/delete"], seen
+    assert re.search(r'/tasks/exit \{"container_id":"evented","id":"evented",.*"exit_status":4', seen), seen
+    assert_pods_gone(node)
