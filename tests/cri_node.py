@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -28,7 +29,9 @@ from tests.engines import IMAGE, Podman, image_tar, kata_binary, leftover_proces
 REPO = Path(__file__).resolve().parent.parent
 CONTRIB_CONFIG = REPO / "contrib" / "containerd" / "config.toml"
 HANDLER = "kata-py-runc"     # the runc shim driving kata-py's CLI
-SHIM_HANDLER = "kata-py"    # kata-py's shim v2: one VM per pod
+# kata-py's shim v2 (one VM per pod): the handler the shipped RuntimeClass names.
+RUNTIME_CLASS = REPO / "contrib" / "kubernetes" / "runtimeclass.yaml"
+SHIM_HANDLER = re.search(r"^handler: *(\S+)", RUNTIME_CLASS.read_text(), re.M).group(1)
 PAUSE_IMAGE = "localhost/pause:kata-py"
 NAMESPACE = "k8s.io"
 # The runc shim's runtime root for the CRI's namespace (no `Root` option is set).
