@@ -170,18 +170,24 @@ def create(store: StateStore, container_id: str, bundle: str, pid_file: str | No
 def _plan(store: StateStore, state: ContainerState, config: dict, rootfs, console_socket: str | None) -> Launch:
     """What the owner builds in the guest, computed here from the bundle
     (so that a bad spec fails before any process starts)."""
+    from ..vmm.host_cgroup import cgroup_path
     from .guest_spec import create_container_args
     from .process_spec import process_args, seccomp_args
 
     agent_id = agent_container_id(state.id)
     planned = PlannedShare()
     create_args = create_container_args(agent_id, config, state.bundle, planned, no_pivot=state.no_pivot)
+    linux = config.get("linux") or {}
+    cgroups_path = linux.get("cgroupsPath") or None
+    if cgroups_path is not None:
+        cgroup_path(cgroups_path)   # ConfigError now, before any process starts
     return Launch(agent_id=agent_id, create={**create_args, **seccomp_args(config)},
                   process=process_args(config["process"]), rootfs=str(rootfs), binds=planned.binds,
                   terminal=state.terminal, console_socket=console_socket,
                   hooks=list(state.config_hooks.get("createContainer") or []),
                   hook_state=dict(state.oci_state(), status=Status.CREATING.value),
-                  network_config=config, state_dir=str(store.dir(state.id)), name=f"kata-py-{state.id[:40]}")
+                  network_config=config, state_dir=str(store.dir(state.id)), name=f"kata-py-{state.id[:40]}",
+                  cgroups_path=cgroups_path, host_resources=linux.get("resources") or {})
 
 
 def _pool_size(config: dict) -> tuple[int, int] | None:
@@ -191,6 +197,10 @@ def _pool_size(config: dict) -> tuple[int, int] | None:
 
     present, path = network_entry(config)
     if path is not None:
+        return None
+    if (config.get("linux") or {}).get("cgroupsPath"):
+        # A pooled VM's QEMU is its standby's, in a cgroup of its own: it
+        # cannot be moved into the one the spec names.
         return None
     hooks = config.get("hooks") or {}
     if present and (hooks.get("prestart") or hooks.get("createRuntime")):

@@ -39,7 +39,11 @@ directories) and exits, when:
 single.py): the owner runs in the container's network namespace with the
 container's stdio, attaches that namespace to the VM, creates the container
 and its init from what `create` computed, reports on `--status-fd`, and ends
-the sandbox when the init exits, exiting with the init's status.
+the sandbox when the init exits, exiting with the init's status. Where the
+spec names a `linux.cgroupsPath`, the sandbox's host processes live in that
+cgroup under the spec's limits plus the VM's overhead (Kata's
+sandbox_cgroup_only; vmm/host_cgroup.py): QEMU, the vsock back end and this
+process, which moves back out before the cgroup is removed.
 
 A SIGKILLed owner cannot clean up: QEMU dies with it (PR_SET_PDEATHSIG), the
 vsock back end with QEMU, the binds with the mount namespace, and the record
@@ -295,6 +299,7 @@ class Owner:
 
     async def _boot(self) -> None:
         from ..image import ensure_image
+        from ..vmm.host_cgroup import HostLimits
         from .pool import PooledSandbox
         from .sandbox import Sandbox, Share
 
@@ -312,11 +317,18 @@ class Owner:
 
                     self.network = await attach_container(self.launch.network_config, Path(self.launch.state_dir))
                     nics = self.network.nics
+                cgroups_path = self.launch.cgroups_path if self.launch is not None else None
+                limits = HostLimits.from_resources(self.launch.host_resources) if cgroups_path else None
                 self.sandbox = Sandbox(ensure_image(progress=False), memory_mib=self.memory_mib, cpus=self.cpus,
                                        run_dir=records.vm_dir(self.id), shares=[Share(tag, self.export.path)],
                                        name=self.launch.name if self.launch else f"kata-py-sb-{self.id}",
-                                       qmp_socket=self.launch is not None, nics=nics)
+                                       qmp_socket=self.launch is not None, nics=nics,
+                                       host_cgroup=cgroups_path, host_limits=limits)
             await self.sandbox.start()
+            if self.claimed is None and self.sandbox.host_cgroup is not None:
+                # This process serves the sandbox for its whole life: it is
+                # accounted with it (moved out again before the cgroup goes).
+                self.sandbox.adopt_host_process(os.getpid())
             if self.network is not None:
                 from ..network import configure_guest
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from .. import paths
 from ..errors import AgentError, KataError, VMLaunchError, VsockError
 from ..vmm.cmdline import VMConfig
+from ..vmm.host_cgroup import HostLimits
 from ..vmm.machine import QemuMachine, tail
 from ..vmm.probe import choose_accel
 from ..vsock.transport import VsockTransport, choose_transport
@@ -65,7 +66,8 @@ class Sandbox:
     def __init__(self, image, memory_mib: int = 128, cpus: int = 1, machine: str = "microvm",
                  accel: str | None = None, name: str | None = None, shares: list[Share] = (),
                  qmp_socket: bool = False, nics: list = (), kernel_args: list[str] = (),
-                 run_dir: Path | None = None) -> None:
+                 run_dir: Path | None = None, host_cgroup: str | None = None,
+                 host_limits: HostLimits | None = None) -> None:
         self.image = image
         self.memory_mib = memory_mib
         self.cpus = cpus
@@ -78,6 +80,11 @@ class Sandbox:
         if any(not arg or any(c.isspace() for c in arg) for arg in self.kernel_args):
             raise ValueError(f"kernel arguments must be single words: {self.kernel_args!r}")
         self.qmp_socket = qmp_socket
+        # The cgroup the runtime was given (OCI linux.cgroupsPath, a pod's
+        # cgroup), with the sandbox's limits: its host processes live there,
+        # as Kata's sandbox_cgroup_only. None: QEMU gets a cgroup of its own.
+        self.host_cgroup = host_cgroup
+        self.host_limits = host_limits
         # A run directory of the caller's choosing (made afresh), so that it can
         # be found and removed without this object; else a new one under paths.run_dir().
         self.chosen_run_dir = Path(run_dir) if run_dir is not None else None
@@ -125,14 +132,27 @@ class Sandbox:
             if self.qmp_socket:
                 # A second QMP monitor for other processes (pause/resume from the CLI).
                 config.extra_args += ["-qmp", f"unix:{self.run_dir / 'qmp.sock'},server=on,wait=off"]
-            self.machine = QemuMachine(config, self.run_dir)
+            self.machine = QemuMachine(config, self.run_dir, host_cgroup=self.host_cgroup,
+                                       host_limits=self.host_limits)
             await self.machine.launch()
+            backend = self.transport.backend_pid()
+            if backend is not None:
+                self.adopt_host_process(backend)
             self.times.launched = time.monotonic() - started
             await self._wait_for_agent(started + BOOT_TIMEOUT)
             self.times.agent_ready = time.monotonic() - started
         except BaseException:
             await self.stop()
             raise
+
+    def adopt_host_process(self, pid: int) -> bool:
+        """Account one more of the sandbox's host processes (its vsock back
+        end, its owner, a shim) in the cgroup the runtime was given, until the
+        VM ends. False (nothing moved) without such a cgroup, or if the move
+        failed (logged): QEMU, the one that runs the guest, is there anyway."""
+        if self.host_cgroup is None or self.machine is None or self.machine.cgroup is None:
+            return False
+        return self.machine.cgroup.adopt(pid)
 
     async def _wait_for_agent(self, deadline: float) -> None:
         """Connect until the agent listens: before that the guest answers RST."""

@@ -48,6 +48,11 @@ class Launch:
     network_config: dict = field(default_factory=dict)  # the spec, for the network layer
     state_dir: str = ""             # where the network layer keeps its record
     name: str = "kata-py"           # the VM's name (QEMU -name; seen in ps)
+    # The spec's linux.cgroupsPath and linux.resources: the sandbox's host
+    # processes (QEMU, back end, owner) live in that cgroup, under those
+    # limits plus the VM's overhead; None: QEMU gets a cgroup of its own.
+    cgroups_path: str | None = None
+    host_resources: dict = field(default_factory=dict)
 
     @classmethod
     def read(cls, path: str) -> "Launch":

@@ -22,7 +22,7 @@ from .. import timing
 from ..errors import VMLaunchError
 from ..timing import mark
 from .cmdline import VMConfig, build_argv
-from .host_cgroup import HostCgroup
+from .host_cgroup import HostCgroup, HostLimits
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,14 @@ def guest_milestones(console_log: Path) -> dict:
 
 
 class QemuMachine:
-    def __init__(self, config: VMConfig, run_dir: Path) -> None:
+    def __init__(self, config: VMConfig, run_dir: Path, host_cgroup: str | None = None,
+                 host_limits: HostLimits | None = None) -> None:
         self.config = config
         self.run_dir = run_dir
+        # The cgroup the runtime was given (OCI linux.cgroupsPath), with the
+        # sandbox's limits; None: a cgroup of the VM's own (host_cgroup.py).
+        self.host_cgroup = host_cgroup
+        self.host_limits = host_limits
         self.state = VMState.NEW
         self.process: asyncio.subprocess.Process | None = None
         self.qmp: QMPClient | None = None
@@ -101,7 +106,8 @@ class QemuMachine:
     async def launch(self) -> None:
         assert self.state is VMState.NEW, self.state
         self.state = VMState.LAUNCHING
-        self.cgroup = HostCgroup(self.run_dir.name, self.config.memory_mib, self.config.accel)
+        self.cgroup = HostCgroup(self.run_dir.name, self.config.memory_mib, self.config.accel,
+                                 path=self.host_cgroup, limits=self.host_limits)
         self.cgroup.create()  # HostCgroupError: QEMU never runs without its limits
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
 
