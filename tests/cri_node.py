@@ -307,7 +307,7 @@ class Node:
 
     # -- pods and containers, through the CRI only -----------------------
 
-    def pod_config(self, name: str):
+    def pod_config(self, name: str, cgroup_parent: str = ""):
         from cri_api.v1 import api_pb2
 
         log_dir = self.pods_dir / name
@@ -319,16 +319,17 @@ class Node:
             log_directory=str(log_dir),
             labels={"kpt": "cri"},
             linux=api_pb2.LinuxPodSandboxConfig(
+                cgroup_parent=cgroup_parent,
                 security_context=api_pb2.LinuxSandboxSecurityContext(
                     namespace_options=api_pb2.NamespaceOption(network=api_pb2.POD, pid=api_pb2.CONTAINER,
                                                               ipc=api_pb2.POD))),
         )
 
-    def run_pod(self, name: str, handler: str = HANDLER):
+    def run_pod(self, name: str, handler: str = HANDLER, cgroup_parent: str = ""):
         """RunPodSandbox with a kata-py handler; returns (pod id, config)."""
         from cri_api.v1 import api_pb2
 
-        config = self.pod_config(name)
+        config = self.pod_config(name, cgroup_parent)
         reply = self.runtime.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=config, runtime_handler=handler),
                                            timeout=RPC_TIMEOUT)
         self.pod_ids.add(reply.pod_sandbox_id)

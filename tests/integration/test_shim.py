@@ -21,6 +21,16 @@ RUNTIME = "io.containerd.kata-py.v2"
 SHIM = b"containerd-shim-kata-py-v2"
 
 
+def _ours(proc: str) -> bool:
+    """A process of this test session: it carries our KATA_PY_RUN_DIR (containerd
+    passes its environment to the shim); other kata-py users of the machine do not count."""
+    try:
+        environ = open(f"/proc/{proc}/environ", "rb").read().split(b"\0")
+    except OSError:
+        return False
+    return b"KATA_PY_RUN_DIR=" + os.environ["KATA_PY_RUN_DIR"].encode() in environ
+
+
 def shim_processes() -> list[str]:
     """Daemons of kata-py's shim (`start` and `delete` runs end at once)."""
     found = []
@@ -31,7 +41,7 @@ def shim_processes() -> list[str]:
             argv = open(f"/proc/{proc}/cmdline", "rb").read().split(b"\0")
         except OSError:
             continue
-        if b"kata_py.shim.main" in argv or (argv and argv[0].endswith(SHIM)):
+        if (b"kata_py.shim.main" in argv or (argv and argv[0].endswith(SHIM))) and _ours(proc):
             found.append(f"{proc}: {b' '.join(argv).decode(errors='replace')[:160]}")
     return found
 
@@ -44,7 +54,7 @@ def qemus_of_pods() -> list[int]:
                 argv = open(f"/proc/{proc}/cmdline", "rb").read()
             except OSError:
                 continue
-            if b"qemu-system" in argv and b"kata-py-pod-" in argv:
+            if b"qemu-system" in argv and b"kata-py-pod-" in argv and _ours(proc):
                 found.append(int(proc))
     return found
 
@@ -67,6 +77,33 @@ def test_containerd_runs_this_trees_shim():
     found = shutil.which(SHIM.decode())
     assert found and os.path.realpath(found) == os.path.realpath(os.path.join(os.path.dirname(kata_binary()),
                                                                               SHIM.decode()))
+
+
+def host_memory_cgroup(pid: int) -> str:
+    """The process's memory cgroup (v1), or its unified one (v2)."""
+    lines = open(f"/proc/{pid}/cgroup").read().splitlines()
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return path
+    return next(line.split(":", 2)[2] for line in lines if line.startswith("0::"))
+
+
+def _memory_root() -> str:
+    return "/sys/fs/cgroup/memory" if os.path.isdir("/sys/fs/cgroup/memory") else "/sys/fs/cgroup"
+
+
+def memory_limit(cgroup: str) -> int:
+    directory = _memory_root() + cgroup
+    for name in ("memory.limit_in_bytes", "memory.max"):
+        if os.path.exists(f"{directory}/{name}"):
+            text = open(f"{directory}/{name}").read().strip()
+            return 1 << 62 if text == "max" else int(text)
+    raise AssertionError(f"no memory limit file in {directory}")
+
+
+def cgroup_exists(cgroup: str) -> bool:
+    return os.path.isdir(_memory_root() + cgroup)
 
 
 def ctr_ok(node: Node, *args, timeout: float = 180) -> str:
@@ -153,14 +190,19 @@ def test_ctr_exec_pause_resume_metrics_kill(node):
 def test_cri_pod_is_one_vm_whose_containers_share_localhost(node):
     from cri_api.v1 import api_pb2
 
-    pod_id, pod_config = node.run_pod("shimpod", handler=SHIM_HANDLER)
+    parent = f"/kpt-pods-{os.getpid()}/shimpod"     # kubelet's pod cgroup, as cgroupfs names it
+    pod_id, pod_config = node.run_pod("shimpod", handler=SHIM_HANDLER, cgroup_parent=parent)
     try:
         server = node.create_container(pod_id, pod_config, "web", [
             "sh", "-c", "mkdir -p /www && echo pod-ok > /www/index.html && exec httpd -f -p 8080 -h /www"])
         node.start_container(server)
         client = node.create_container(pod_id, pod_config, "client", ["sleep", "1000"])
         node.start_container(client)
-        assert len(qemus_of_pods()) == 1
+        [qemu] = qemus_of_pods()
+        # The pod's host cgroup (the sandbox container's, under cgroup_parent) holds QEMU, with a limit.
+        memory_cgroup = host_memory_cgroup(qemu)
+        assert memory_cgroup == f"{parent}/{pod_id}", memory_cgroup
+        assert memory_limit(memory_cgroup) < 1 << 40
         fetch = ["sh", "-c", "for i in 1 2 3 4 5 6 7 8 9 10; do wget -qO- http://127.0.0.1:8080/ && exit 0; "
                              "sleep 1; done; exit 1"]
         reply = node.runtime.ExecSync(api_pb2.ExecSyncRequest(container_id=client, cmd=fetch, timeout=60),
@@ -183,6 +225,7 @@ def test_cri_pod_is_one_vm_whose_containers_share_localhost(node):
         problems = node.remove_everything()
     assert problems == []
     assert_pods_gone(node)
+    assert not cgroup_exists(parent.rsplit("/", 1)[0])     # all kata-py made of it is gone
 
 
 def pod_with_a_sleeper(node: Node, name: str):
