@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import secrets
 import signal
 import threading
@@ -96,10 +97,19 @@ def _start_stdin_reader(fd: int, writer: asyncio.StreamWriter, loop: asyncio.Abs
             writer.write_eof()
 
     def run() -> None:
+        # poll before each read: a FIFO opened without O_NONBLOCK-safe
+        # semantics (a shim's stdin FIFO, opened before its writer) reads as
+        # end of file while no writer has come yet; poll waits until there is
+        # data, or until a writer has come and gone (POLLHUP).
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLHUP)
         try:
             while True:
                 try:
+                    poller.poll()
                     data = os.read(fd, RELAY_CHUNK)
+                except BlockingIOError:
+                    continue
                 except OSError:
                     data = b""
                 asyncio.run_coroutine_threadsafe(push(data), loop).result()

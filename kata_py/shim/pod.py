@@ -15,9 +15,10 @@ process per container; guest pids mean nothing on the host), and guest pids
 from Pids.
 
 stdio: containerd passes FIFO paths (or files); they are opened here and
-relayed by kata_py.sandbox.process.ProcessSession. FIFOs are opened
-read-write, so that neither side's open blocks and a writer that comes and
-goes is no end of file; CloseIO ends the guest's stdin.
+relayed by kata_py.sandbox.process.ProcessSession. Output FIFOs are opened
+read-write, so that the open never blocks; the stdin FIFO read-only and
+non-blocking, so that the client's close ends the guest's stdin (as does
+CloseIO).
 """
 
 from __future__ import annotations
@@ -87,6 +88,10 @@ def _open_stdio(path: str, name: str) -> int:
     except FileNotFoundError:
         mode = 0
     try:
+        if stat.S_ISFIFO(mode) and name == "stdin":
+            # Read-only, so that the client's close is our end of input; non-
+            # blocking to open before the client's writer (the relay polls).
+            return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         if stat.S_ISFIFO(mode):
             return os.open(path, os.O_RDWR | os.O_CLOEXEC)
         if name == "stdin":

@@ -167,6 +167,10 @@ def test_ctr_exec_pause_resume_metrics_kill(node):
                  60, 0.5, "the counter")
         out = ctr_ok(node, "task", "exec", "--exec-id", "e1", name, "sh", "-c", "echo exec-ok; cat /tmp/n")
         assert out.startswith("exec-ok\n")
+        # stdin through its FIFO; ctr's end of input reaches the guest (CloseIO) and cat ends.
+        piped = subprocess.run(["ctr", "-a", str(node.socket), "-n", "k8s.io", "task", "exec", "--exec-id",
+                                "e5", name, "cat"], input=b"through stdin\n", capture_output=True, timeout=60)
+        assert (piped.returncode, piped.stdout) == (0, b"through stdin\n"), piped.stderr
         # Paused is the whole VM stopped: the counter does not advance.
         before = int(ctr_ok(node, "task", "exec", "--exec-id", "e2", name, "cat", "/tmp/n"))
         ctr_ok(node, "task", "pause", name)
