@@ -9,10 +9,14 @@ the same invocation, interleaved:
   pool       start from the VM pool (`kata-py factory`), next to runsc
   memory     PSS per idle sandbox at 1, 10 and 30; density (sandboxes started
              before a start takes twice as long)
+  pods       through the CRI of a private containerd 1.6 (tests/cri_node.py):
+             pod start, a running pod's second container and per-pod PSS,
+             handlers kata-py (shim v2), runc and kata-py-runc
 
 Prints the results as JSON and as Markdown tables, and writes them to
 bench/results/latest.json and latest.md. Needs root. About 10-15 minutes
 on a 2-core host under TCG; the density ramp gets what is left of --budget.
+The pods section, last, comes on top: about 4 minutes (2.5 with --runs 3).
 """
 
 from __future__ import annotations
@@ -27,10 +31,10 @@ import time
 import traceback
 from pathlib import Path
 
-from . import coldstart, execio, memory, pool, report
+from . import coldstart, execio, memory, pods, pool, report
 from .common import REPO, Peers, host_facts, make_bundle, make_rootfs, require
 
-SECTIONS = ("coldstart", "execio", "pool", "memory")
+SECTIONS = ("coldstart", "execio", "pool", "memory", "pods")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,9 +49,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--density-step", type=int, default=10)
     parser.add_argument("--parallel", type=int, default=4, help="sandboxes started at once in the ramp")
     parser.add_argument("--pool-size", type=int, default=2)
+    parser.add_argument("--pod-handlers", default=",".join(pods.HANDLERS),
+                        help=f"CRI handlers the pods section runs (default {','.join(pods.HANDLERS)})")
     parser.add_argument("--budget", type=float, default=780.0,
-                        help="seconds for the whole suite; the density ramp beyond the memory counts stops "
-                             "when it is spent (default 780)")
+                        help="seconds for the sections before pods; the density ramp beyond the memory counts "
+                             "stops when it is spent (default 780)")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     return parser.parse_args(argv)
@@ -77,9 +83,10 @@ def main(argv=None) -> int:
         true_bundle = make_bundle(work / "true", ["/bin/true"], rootfs)
         idle_bundle = make_bundle(work / "idle", ["/bin/sleep", "1000000"], rootfs)
         peers = Peers(work)
-        print("bench: checking which runtimes run here", file=sys.stderr)
-        peers.probe(true_bundle)
-        results["peers"] = peers.available
+        if set(sections) - {"pods"}:        # the pods section drives containerd, not the peers' CLIs
+            print("bench: checking which runtimes run here", file=sys.stderr)
+            peers.probe(true_bundle)
+            results["peers"] = peers.available
         for section in sections:
             print(f"bench: {section} ({time.monotonic() - began:.0f} s in)", file=sys.stderr)
             try:
@@ -95,6 +102,12 @@ def main(argv=None) -> int:
                     results[section] = memory.measure(peers, idle_bundle, [int(n) for n in args.memory_at.split(",")],
                                                       args.density_cap, args.density_step, args.parallel,
                                                       max(left, 60.0))
+                elif section == "pods":
+                    results[section] = pods.measure(args.runs, [h for h in args.pod_handlers.split(",") if h])
+                    problems = results[section]["failures"] + [f"left behind: {item}"
+                                                               for item in results[section]["leftovers"]]
+                    if problems:
+                        results["errors"][section] = f"{len(problems)} problems: " + "; ".join(problems[:5])
             except Exception as exc:  # report it and go on with the other sections
                 traceback.print_exc()
                 results["errors"][section] = f"{type(exc).__name__}: {exc}"

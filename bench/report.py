@@ -40,7 +40,61 @@ def targets(results: dict) -> list[dict]:
         if rate and rate.get("runs"):
             out.append({"target": f"stdio ({direction}) >= 200 MB/s", "measured": f"{rate['median']:.0f} MB/s",
                         "met": rate["median"] >= 200})
+    pods = results.get("pods") or {}
+    second = ((pods.get("second_container_s") or {}).get("kata-py")) or {}
+    if second.get("runs"):
+        out.append({"target": "a running pod's second container starts <= 1 s (issue 15)",
+                    "measured": f"{second['median']:.2f} s", "met": second["median"] <= 1.0})
     return out
+
+
+POD_HANDLERS = ("kata-py", "runc", "kata-py-runc")
+KIND_NAMES = {"shim": "shim", "qemu": "QEMU", "qemu_anon": "QEMU anon", "qemu_shmem": "QEMU guest RAM (shmem)",
+              "qemu_file": "QEMU files", "vsock_backend": "vsock back end", "monitor": "monitors (kata-py CLI path)",
+              "containers": "pause + containers"}
+
+
+def _times(ratio: float | None) -> str:
+    return "—" if ratio is None else f"**{ratio}×**"
+
+
+def _pods(pods: dict) -> list[str]:
+    handlers = [h for h in POD_HANDLERS if h in (pods.get("pod_start_s") or {})]
+    lines = ["## Pods through the CRI (containerd 1.6, one pod at a time)", "",
+             f"{pods.get('runs')} pods per handler, interleaved (order rotated each round); each pod: RunPodSandbox "
+             f"+ CreateContainer + StartContainer of `sleep 1000`, {pods.get('settle_s')} s idle, PSS sampled "
+             f"{pods.get('pss_samples')} times, a second `sleep 1000` created and started, then the pod stopped and "
+             f"removed. Node set up (containerd, images imported) in {pods.get('node_setup_s')} s; the section took "
+             f"{pods.get('seconds')} s.", "",
+             "| handler | pod start s | RunPodSandbox s | CreateContainer s | StartContainer s | "
+             "second container s | teardown s | QEMUs per pod |", "|---|---|---|---|---|---|---|---|"]
+    for h in handlers:
+        lines.append(f"| {h} | {_cell(pods['pod_start_s'].get(h))} | {_cell(pods['run_pod_sandbox_s'].get(h))} | "
+                     f"{_cell(pods['create_s'].get(h))} | {_cell(pods['start_s'].get(h))} | "
+                     f"{_cell(pods['second_container_s'].get(h))} | {_cell(pods['teardown_s'].get(h))} | "
+                     f"{', '.join(map(str, (pods.get('qemus_per_pod') or {}).get(h, [])))} |")
+    kinds = [k for k in ("total", "shim", "qemu", "qemu_anon", "qemu_shmem", "qemu_file", "vsock_backend", "monitor",
+                         "containers")
+             if any(k in (pods.get("pss_mib") or {}).get(h, {}) for h in handlers)]
+    lines += ["", "Host PSS of an idle pod (one container), MiB:", "",
+              "| handler | " + " | ".join(KIND_NAMES.get(k, k) for k in kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+    for h in handlers:
+        p = pods["pss_mib"].get(h, {})
+        lines.append(f"| {h} | " + " | ".join(_cell(p.get(k), '', 1) for k in kinds) + " |")
+    ratios = pods.get("over_runc") or {}
+    if ratios:
+        lines += ["", "Over runc (medians): " + "; ".join(
+            f"{h}: pod start {_times(r.get('pod_start'))}, second container {_times(r.get('second_container'))}, "
+            f"PSS {_times(r.get('pss'))}" for h, r in ratios.items()) + "."]
+    for h, why in (pods.get("second_container_refused") or {}).items():
+        lines += ["", f"`{h}` refused the second container: {'; '.join(why)}"]
+    notes = pods.get("handlers") or {}
+    if notes:
+        lines += ["", "Handlers: " + "; ".join(f"`{h}` {n}" for h, n in notes.items()) + "."]
+    if pods.get("leftovers"):
+        lines += ["", "**Left behind:** " + "; ".join(pods["leftovers"])]
+    lines.append("")
+    return lines
 
 
 def markdown(results: dict) -> str:
@@ -122,11 +176,13 @@ def markdown(results: dict) -> str:
             if "kata_py_phases_s" in pool:
                 lines += _phase_table("kata-py `run` from the pool by phase (s):", pool["kata_py_phases_s"])
             lines.append("")
+    if results.get("pods"):
+        lines += _pods(results["pods"])
     for section, error in (results.get("errors") or {}).items():
         lines += [f"**{section} failed:** {error}", ""]
     checked = targets(results)
     if checked:
-        lines += ["## Targets (issue 8)", "", "| target | measured | met |", "|---|---|---|"]
+        lines += ["## Targets (issue 8 unless named)", "", "| target | measured | met |", "|---|---|---|"]
         lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |" for t in checked]
         lines.append("")
     return "\n".join(lines)
