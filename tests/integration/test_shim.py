@@ -230,6 +230,9 @@ def test_cri_pod_is_one_vm_whose_containers_share_localhost(node):
     assert problems == []
     assert_pods_gone(node)
     assert not cgroup_exists(parent.rsplit("/", 1)[0])     # all kata-py made of it is gone
+    from kata_py.shim.main import shim_dir
+
+    assert not shim_dir().exists() or list(shim_dir().iterdir()) == []   # no socket, log or pod directory
 
 
 def pod_with_a_sleeper(node: Node, name: str):
@@ -311,4 +314,22 @@ def test_task_events_reach_containerd_in_order(node):
     assert topics == ["/tasks/create", "/tasks/start", "/tasks/exec-added", "/tasks/exec-started", "/tasks/exit",
                       "/tasks/paused", "/tasks/resumed", "/tasks/exit", "/tasks/delete"], seen
     assert re.search(r'/tasks/exit \{"container_id":"evented","id":"evented",.*"exit_status":4', seen), seen
+    assert_pods_gone(node)
+
+
+def test_an_oom_kill_in_the_guest_is_a_task_oom_event(node):
+    """The container's memory limit holds in the guest cgroup; the kill is
+    pushed to containerd as /tasks/oom (the agent watches memory.events)."""
+    events = subprocess.Popen(["ctr", "-a", str(node.socket), "events"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
+    try:
+        result = node.ctr("run", "--rm", "--runtime", RUNTIME, "--memory-limit", str(64 << 20), IMAGE, "oom1",
+                          "sh", "-c", '(x=$(head -c 200000000 /dev/zero | tr "\\0" x)); echo "after $?"; sleep 1')
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == b"after 137\n", result.stdout
+        time.sleep(1)
+    finally:
+        events.terminate()
+        seen = events.communicate(timeout=10)[0].decode(errors="replace")
+    assert re.search(r' /tasks/oom \{"container_id":"oom1"', seen), seen
     assert_pods_gone(node)

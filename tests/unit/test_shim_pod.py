@@ -37,3 +37,13 @@ def test_a_container_limit_larger_than_the_default_wins():
 def test_bad_or_huge_pod_figures_are_refused(annotations):
     with pytest.raises(PodError):
         pod_vm_size(spec(annotations))
+
+
+def test_a_container_that_does_not_fit_the_pods_vm_is_refused(tmp_path):
+    from kata_py.shim.pod import Pod
+
+    pod = Pod("p", lambda *a, **k: None, tmp_path)
+    pod.memory_mib = POD_MEMORY_MIB
+    pod._check_size(spec(limit=(POD_MEMORY_MIB - GUEST_OVERHEAD_MIB) << 20))     # fits exactly
+    with pytest.raises(PodError, match=f"has {POD_MEMORY_MIB} MiB"):
+        pod._check_size(spec(limit=POD_MEMORY_MIB << 20))
