@@ -538,6 +538,21 @@ class Node:
                     pass
 
 
+def processes_where(matches) -> list[str]:
+    """'PID: argv' of each process whose argv (a list of bytes) `matches`."""
+    found = []
+    for proc in os.listdir("/proc"):
+        if not proc.isdigit():
+            continue
+        try:
+            argv = open(f"/proc/{proc}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if argv and matches(proc, argv):
+            found.append(f"{proc}: {b' '.join(argv).decode(errors='replace')[:160]}")
+    return found
+
+
 @contextlib.contextmanager
 def running_node():
     """A started node with the images imported, for a test module; once it is

@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
-import os
 import sys
 from pathlib import Path
 
-from ..errors import ConfigError, KataError
+from ..errors import KataError
 from ..timing import mark
 from .agent_sync import transport_of
 from .handle import ReattachedSandbox
-from .single import MAX_LAUNCH, StatusPipe, console_session, detach_stdio, relay_to_end
+from .single import StatusPipe, console_session, detach_stdio, read_once, relay_to_end
 
 log = logging.getLogger("kata_py.relay")
 CONNECT_TIMEOUT = 10.0
@@ -64,19 +62,6 @@ async def _detached(job: dict, console_socket: str | None, report: StatusPipe) -
     return await run_in(handle, job["agent_id"], job["process"], bool(job.get("terminal")), console_socket, report)
 
 
-def _read_job(path: str) -> dict:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_LAUNCH + 1)
-        os.unlink(path)
-        job = json.loads(raw)
-        if len(raw) > MAX_LAUNCH or not isinstance(job, dict):
-            raise ValueError("not a JSON object of at most 4 MiB")
-        return job
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"exec job {path}: {exc}") from exc
-
-
 def main(argv: list[str] | None = None) -> None:
     from ..logformat import log_to_runtime_log
 
@@ -93,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     report = StatusPipe(args.status_fd)
     mark("relay_started")
     try:
-        status = asyncio.run(_detached(_read_job(args.job), args.console_socket, report))
+        status = asyncio.run(_detached(read_once(args.job), args.console_socket, report))
     except KataError as exc:
         log.error("%s", exc)
         report.send("error", str(exc))

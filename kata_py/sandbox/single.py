@@ -58,20 +58,29 @@ class Launch:
     def read(cls, path: str) -> "Launch":
         """The file `create` wrote (this process's to remove)."""
         try:
-            with open(path, "rb") as f:
-                raw = f.read(MAX_LAUNCH + 1)
-            os.unlink(path)
-            data = json.loads(raw)
-            if len(raw) > MAX_LAUNCH or not isinstance(data, dict):
-                raise ValueError("not a JSON object of at most 4 MiB")
-            return cls(**data)
-        except (OSError, ValueError, TypeError) as exc:
+            return cls(**read_once(path))
+        except TypeError as exc:
             raise ConfigError(f"container launch file {path}: {exc}") from exc
 
     def write(self, path: str) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(self.__dict__, f)
+
+
+def read_once(path: str) -> dict:
+    """A JSON object the CLI wrote for this process (at most MAX_LAUNCH
+    bytes), removed once read."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_LAUNCH + 1)
+        os.unlink(path)
+        data = json.loads(raw)
+        if len(raw) > MAX_LAUNCH or not isinstance(data, dict):
+            raise ValueError("not a JSON object of at most 4 MiB")
+        return data
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
 
 
 class PlannedShare:

@@ -146,7 +146,11 @@ def _start_daemon(args: Args, key: str, path: Path) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:
-        listener.bind(str(path))
+        try:
+            listener.bind(str(path))
+        except FileNotFoundError:   # the last other pod's shim removed the directory just now
+            paths.ensure_private_dir(shim_dir())
+            listener.bind(str(path))
     finally:
         os.umask(old)
     listener.listen(64)
@@ -203,6 +207,10 @@ def clean_up_pod(key: str) -> None:
         except FileNotFoundError:
             pass
     shutil.rmtree(directory, ignore_errors=True)
+    try:
+        shim_dir().rmdir()      # when no other pod's shim is left in it
+    except OSError:
+        pass
 
 
 # -- the daemon -------------------------------------------------------------------------

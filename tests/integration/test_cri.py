@@ -14,7 +14,8 @@ import pytest
 
 from tests.conftest import LOGS, RUN_DIR
 from tests.cri_node import (CONTRIB_CONFIG, GATEWAY, HANDLER, NETNS_DIR, PAUSE_IMAGE, RUNC_ROOT, SUBNET, TAP_PREFIX,
-                            Node, cni_namespaces, links_in, mounts_under, running_node, wait_for)
+                            Node, cni_namespaces, links_in, mounts_under, processes_where, running_node,
+                            wait_for)
 from tests.engines import IMAGE, kata_binary, leftover_processes
 
 pytestmark = pytest.mark.vm
@@ -36,17 +37,7 @@ def run_dir_entries() -> set[str]:
 
 def shims_of(node: Node) -> list[str]:
     needle = str(node.socket).encode()
-    found = []
-    for proc in os.listdir("/proc"):
-        if not proc.isdigit():
-            continue
-        try:
-            argv = open(f"/proc/{proc}/cmdline", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if argv and argv[0].endswith(b"containerd-shim-runc-v2") and needle in argv:
-            found.append(f"{proc}: {b' '.join(argv).decode(errors='replace')[:160]}")
-    return found
+    return processes_where(lambda _, argv: argv[0].endswith(b"containerd-shim-runc-v2") and needle in argv)
 
 
 def netns_inode(path: str) -> int:

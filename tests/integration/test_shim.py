@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.cri_node import NETNS_DIR, SHIM_HANDLER, Node, running_node, wait_for
+from tests.cri_node import NETNS_DIR, SHIM_HANDLER, Node, processes_where, running_node, wait_for
 from tests.engines import IMAGE
 from tests.terminal import drive_tty
 
@@ -33,30 +33,14 @@ def _ours(proc: str) -> bool:
 
 def shim_processes() -> list[str]:
     """Daemons of kata-py's shim (`start` and `delete` runs end at once)."""
-    found = []
-    for proc in os.listdir("/proc"):
-        if not proc.isdigit():
-            continue
-        try:
-            argv = open(f"/proc/{proc}/cmdline", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if (b"kata_py.shim.main" in argv or (argv and argv[0].endswith(SHIM))) and _ours(proc):
-            found.append(f"{proc}: {b' '.join(argv).decode(errors='replace')[:160]}")
-    return found
+    return processes_where(lambda proc, argv: (b"kata_py.shim.main" in argv or argv[0].endswith(SHIM))
+                           and _ours(proc))
 
 
 def qemus_of_pods() -> list[int]:
-    found = []
-    for proc in os.listdir("/proc"):
-        if proc.isdigit():
-            try:
-                argv = open(f"/proc/{proc}/cmdline", "rb").read()
-            except OSError:
-                continue
-            if b"qemu-system" in argv and b"kata-py-pod-" in argv and _ours(proc):
-                found.append(int(proc))
-    return found
+    return [int(line.split(":", 1)[0]) for line in processes_where(
+        lambda proc, argv: b"qemu-system" in argv[0] and b"kata-py-pod-" in b" ".join(argv)
+        and _ours(proc))]
 
 
 @pytest.fixture(scope="module")

@@ -27,17 +27,7 @@ def test_limits_join_and_removal():
         assert memory_files and int(memory_files[0].read_text()) == (128 + 1024) << 20
         pids_files = [p / "pids.max" for p in cg.paths if (p / "pids.max").exists()]
         assert pids_files and pids_files[0].read_text().strip() == str(host_cgroup.PIDS_MAX)
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            cg.join()
-            os.write(w, Path("/proc/self/cgroup").read_bytes())
-            os._exit(0)
-        os.close(w)
-        seen = os.read(r, 65536).decode()
-        os.close(r)
-        os.waitpid(pid, 0)
-        assert f"/kata-py/{cg.name}" in seen
+        assert f"/kata-py/{cg.name}" in cgroups_of_a_joined_child(cg)
     finally:
         cg.remove()
     assert not any(p.exists() for p in cg.paths) and all(not p.exists() for p, _ in host_cgroup._directories(cg.name))
@@ -128,3 +118,18 @@ def test_qemu_is_not_started_without_its_cgroup(tmp_path, monkeypatch):
 
     machine = asyncio.run(go())
     assert machine.process is None and not started.exists()
+
+
+def cgroups_of_a_joined_child(cg) -> str:
+    """/proc/self/cgroup of a forked child that joined `cg` (as QEMU does at fork)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        cg.join()
+        os.write(w, Path("/proc/self/cgroup").read_bytes())
+        os._exit(0)
+    os.close(w)
+    seen = os.read(r, 65536).decode()
+    os.close(r)
+    os.waitpid(pid, 0)
+    return seen

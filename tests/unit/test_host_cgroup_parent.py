@@ -14,6 +14,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from kata_py.errors import ConfigError, HostCgroupError
+from tests.unit.test_host_cgroup import cgroups_of_a_joined_child
 from kata_py.sandbox.single import Launch
 from kata_py.vmm import host_cgroup
 from kata_py.vmm.host_cgroup import HostCgroup, HostLimits, cgroup_path
@@ -277,17 +278,7 @@ def test_on_this_host_qemu_would_join_and_a_process_is_adopted_and_let_go():
         before = Path(f"/proc/{sleeper.pid}/cgroup").read_text()
         assert cg.adopt(sleeper.pid)
         assert f"/{parent}/c1" in Path(f"/proc/{sleeper.pid}/cgroup").read_text()
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            cg.join()
-            os.write(w, Path("/proc/self/cgroup").read_bytes())
-            os._exit(0)
-        os.close(w)
-        seen = os.read(r, 65536).decode()
-        os.close(r)
-        os.waitpid(pid, 0)
-        assert f"/{parent}/c1" in seen
+        assert f"/{parent}/c1" in cgroups_of_a_joined_child(cg)
         cg.remove()
         assert Path(f"/proc/{sleeper.pid}/cgroup").read_text() == before    # moved back where it was
     finally:
