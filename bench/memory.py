@@ -80,20 +80,27 @@ def _kind(pid: int) -> str:
     return "other"
 
 
-def sandbox_pss(monitor_pid: int) -> dict:
-    """PSS in MiB of one sandbox's processes, by kind, and QEMU's by type."""
-    out: dict = {"total": 0.0}
-    for pid in _tree(monitor_pid):
+def pss_by_kind(processes, out: dict | None = None) -> dict:
+    """PSS in MiB of (pid, kind) pairs, summed by kind and in all, with QEMU's
+    split into anonymous memory, guest RAM (shmem) and file mappings."""
+    out = {} if out is None else out
+    out.setdefault("total", 0.0)
+    for pid, kind in processes:
         fields = _smaps(pid)
         if not fields:
             continue
-        kind = _kind(pid)
         out[kind] = out.get(kind, 0.0) + fields["Pss"]
         out["total"] += fields["Pss"]
         if kind == "qemu":
             for key in ("Pss_Anon", "Pss_Shmem", "Pss_File"):
-                out["qemu_" + key[4:].lower()] = out.get("qemu_" + key[4:].lower(), 0.0) + fields[key]
+                name = "qemu_" + key[4:].lower()
+                out[name] = out.get(name, 0.0) + fields.get(key, 0.0)
     return out
+
+
+def sandbox_pss(monitor_pid: int) -> dict:
+    """PSS in MiB of one sandbox's processes, by kind, and QEMU's by type."""
+    return pss_by_kind((pid, _kind(pid)) for pid in _tree(monitor_pid))
 
 
 def _mem_available_mib() -> float:

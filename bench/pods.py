@@ -50,7 +50,7 @@ import tomllib
 from pathlib import Path
 
 from .common import KATA, REPO, summary
-from .memory import SAMPLE_INTERVAL, SAMPLES, SETTLE, _smaps, _tree
+from .memory import SAMPLE_INTERVAL, SAMPLES, SETTLE, _tree, pss_by_kind
 
 HANDLERS = ("kata-py", "runc", "kata-py-runc")
 SHIM_BINARY = "containerd-shim-kata-py-v2"
@@ -109,20 +109,8 @@ def pod_processes(node, pod_id: str) -> dict[int, list[bytes]]:
 
 def pod_pss(processes: dict[int, list[bytes]]) -> dict:
     """PSS in MiB of the pod's processes, by kind, with the total."""
-    out = {kind: 0.0 for kind in PSS_KINDS}
-    out["total"] = 0.0
-    for pid, argv in processes.items():
-        fields = _smaps(pid)
-        if not fields:
-            continue
-        kind = _kind(argv)
-        out[kind] = out.get(kind, 0.0) + fields["Pss"]
-        out["total"] += fields["Pss"]
-        if kind == "qemu":      # as bench/memory.py: anonymous, guest RAM (shmem), file mappings
-            for key in ("Pss_Anon", "Pss_Shmem", "Pss_File"):
-                name = "qemu_" + key[4:].lower()
-                out[name] = out.get(name, 0.0) + fields.get(key, 0.0)
-    return out
+    return pss_by_kind(((pid, _kind(argv)) for pid, argv in processes.items()),
+                       {kind: 0.0 for kind in PSS_KINDS})
 
 
 # ---------------------------------------------------------------- one pod

@@ -523,24 +523,17 @@ class Node:
     def _kill_our_shims(self) -> None:
         """Shims that outlived their tasks (they carry this node's socket)."""
         needle = str(self.socket).encode()
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit():
-                continue
+        for pid in processes_where(lambda _, argv: needle in argv and (
+                argv[0].endswith(b"containerd-shim-runc-v2") or b"kata_py.shim.main" in argv)):
             try:
-                argv = (proc / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            ours = argv and (argv[0].endswith(b"containerd-shim-runc-v2") or b"kata_py.shim.main" in argv)
-            if ours and needle in argv:
-                try:
-                    os.kill(int(proc.name), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
-def processes_where(matches) -> list[str]:
-    """'PID: argv' of each process whose argv (a list of bytes) `matches`."""
-    found = []
+def processes_where(matches) -> dict[int, list[bytes]]:
+    """{pid: argv} of each process whose argv (a list of bytes) `matches`."""
+    found = {}
     for proc in os.listdir("/proc"):
         if not proc.isdigit():
             continue
@@ -549,8 +542,13 @@ def processes_where(matches) -> list[str]:
         except OSError:
             continue
         if argv and matches(proc, argv):
-            found.append(f"{proc}: {b' '.join(argv).decode(errors='replace')[:160]}")
+            found[int(proc)] = argv
     return found
+
+
+def described(processes: dict[int, list[bytes]]) -> list[str]:
+    """'PID: command line' of each, for an assertion's message."""
+    return [f"{pid}: {b' '.join(argv).decode(errors='replace')[:160]}" for pid, argv in processes.items()]
 
 
 @contextlib.contextmanager

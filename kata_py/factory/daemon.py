@@ -15,7 +15,6 @@ import ctypes
 import itertools
 import logging
 import os
-import shutil
 import signal
 import sys
 import time
@@ -23,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..sandbox.pool_wire import WireError, decode, encode, read_message
-from ..vmm.host_cgroup import remove_host_cgroups
+from ..vmm.host_cgroup import remove_vm_run_dir
 
 log = logging.getLogger("kata_py.factory")
 READY_TIMEOUT = 180.0      # a standby's boot under TCG on a loaded machine
@@ -117,9 +116,8 @@ class Factory:
         from ..sandbox.share import remove_share_dir
         remove_share_dir(directory / "share")
         (directory / "standby.sock").unlink(missing_ok=True)
-        for run_dir in directory.glob("vm-*"):  # sockets and logs only
-            shutil.rmtree(run_dir, ignore_errors=True)
-            remove_host_cgroups(run_dir.name)
+        for run_dir in directory.glob("vm-*"):
+            remove_vm_run_dir(run_dir)
         try:
             directory.rmdir()
         except OSError:

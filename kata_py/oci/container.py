@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import shutil
 import signal as signal_module
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from ..sandbox import record as sandbox_record
 from ..sandbox.guest_hooks import run_guest_hooks
 from ..sandbox.single import Launch, PlannedShare
 from .hooks import run_hooks
-from .process_spec import agent_container_id
+from .process_spec import agent_container_id, vm_size
 from .share import owner_dir_for, sandbox_dir_for, sandbox_id_for
 from .spec import load_bundle
 from .state import (ContainerNotFound, ContainerState, StateStore, Status, process_start_time,
@@ -190,28 +189,21 @@ def _plan(store: StateStore, state: ContainerState, config: dict, rootfs, consol
                   cgroups_path=cgroups_path, host_resources=linux.get("resources") or {})
 
 
-def _pool_size(config: dict) -> tuple[int, int] | None:
-    """(memory MiB, vCPUs) to claim for this container, or None when it must
-    boot its own VM: a pooled VM has no NIC (microvm cannot hot-plug one)."""
+def _poolable(config: dict) -> bool:
+    """Whether this container may take a pooled VM, or must boot its own: a
+    pooled VM has no NIC (microvm cannot hot-plug one)."""
     from ..network.guard import network_entry
 
     present, path = network_entry(config)
     if path is not None:
-        return None
+        return False
     if (config.get("linux") or {}).get("cgroupsPath"):
         # A pooled VM's QEMU is its standby's, in a cgroup of its own: it
         # cannot be moved into the one the spec names.
-        return None
+        return False
     hooks = config.get("hooks") or {}
-    if present and (hooks.get("prestart") or hooks.get("createRuntime")):
-        return None     # a hook may put interfaces into the new namespace (Docker's does)
-    return _vm_size(config)
-
-
-def _vm_size(config: dict) -> tuple[int, int]:
-    from .process_spec import vm_size
-
-    return vm_size(config)
+    # A hook may put interfaces into the new namespace (Docker's does).
+    return not (present and (hooks.get("prestart") or hooks.get("createRuntime")))
 
 
 def _create(store: StateStore, container_id: str, bundle_dir, config: dict, rootfs, placement,
@@ -240,10 +232,10 @@ def _create(store: StateStore, container_id: str, bundle_dir, config: dict, root
             store.save(state)
             launch_file = str(store.dir(container_id) / "launch.json")
             launch.write(launch_file)
-            pool_size = _pool_size(config)
+            size, pool = vm_size(config), _poolable(config)
             proc, report = spawn_reporting(
-                lambda fd, go_fd: _owner_argv(store, container_id, launch_file, pool_size or _vm_size(config),
-                                              pool_size is not None, fd, go_fd, log_file, log_format),
+                lambda fd, go_fd: _owner_argv(store, container_id, launch_file, size, pool, fd, go_fd, log_file,
+                                              log_format),
                 preexec_fn=placement.enter if placement is not None else None,
                 prepare=prestart if has_hooks else None)
             state.pid = proc.pid
@@ -357,14 +349,14 @@ def kill(store: StateStore, container_id: str, signum: int, all_processes: bool 
 def update(store: StateStore, container_id: str, resources: dict) -> None:
     """Change the container's cgroup limits in the guest. The VM's memory is
     fixed at boot: a limit beyond it is refused rather than silently unmet."""
-    from .process_spec import GUEST_OVERHEAD_MIB, vm_size
+    from .process_spec import vm_mib_for
 
     with store.locked(container_id) as state:
         state.require("update", lambda status: status in (Status.CREATED, Status.RUNNING, Status.PAUSED))
         limit = (resources.get("memory") or {}).get("limit")
         if isinstance(limit, int) and limit > 0:
             booted_mib, _ = vm_size(load_bundle(state.bundle, validate=False)[1])
-            needed = -(-limit // (1 << 20)) + GUEST_OVERHEAD_MIB
+            needed = vm_mib_for(limit)
             if needed > booted_mib:
                 raise ConfigError(f"update: a memory limit of {limit} needs a {needed} MiB VM; this container's "
                                   f"VM has {booted_mib} MiB (sized at create): recreate it with the larger limit")
@@ -430,26 +422,22 @@ def _delete(store: StateStore, container_id: str, force: bool) -> None:
             except ProcessLookupError:
                 pass
             _wait_owner_exit(state, 5.0)
-        _remove_sandbox_leftovers(store, container_id, state.run_dir)
+        _remove_sandbox_leftovers(store, container_id)
         _undo_network(store, container_id)
         store.remove(container_id)
     run_hooks("poststop", state.config_hooks.get("poststop", []), dict(state.oci_state(), status="stopped"),
               fatal=False)
 
 
-def _remove_sandbox_leftovers(store: StateStore, container_id: str, vm_run_dir: str | None = None) -> None:
+def _remove_sandbox_leftovers(store: StateStore, container_id: str) -> None:
     """What an owner killed before it could clean up (or even report) left:
     its run directory and export, its VM's run directory and host cgroups,
     found by (root, id). Its QEMU died with it (PDEATHSIG), its binds with
     its mount namespace. (A pooled VM's run directory is its standby's.)"""
-    from ..vmm.host_cgroup import remove_host_cgroups
+    from ..vmm.host_cgroup import remove_vm_run_dir
 
     sandbox_record.remove_leftovers(owner_dir_for(str(store.root), container_id))
-    run_dir = sandbox_dir_for(str(store.root), container_id)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    remove_host_cgroups(run_dir.name)
-    if vm_run_dir and Path(vm_run_dir) == run_dir:
-        shutil.rmtree(vm_run_dir, ignore_errors=True)
+    remove_vm_run_dir(sandbox_dir_for(str(store.root), container_id))
 
 
 def _undo_network(store: StateStore, container_id: str) -> None:

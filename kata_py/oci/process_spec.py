@@ -115,6 +115,12 @@ def _trimmed(item, keys) -> dict:
     return {key: item[key] for key in keys if item.get(key) is not None}
 
 
+def vm_mib_for(limit: int) -> int:
+    """The VM memory (MiB) that a memory limit of `limit` bytes needs: the
+    limit, rounded up, and the guest's own overhead beside it."""
+    return math.ceil(limit / (1 << 20)) + GUEST_OVERHEAD_MIB
+
+
 def vm_size(config: dict) -> tuple[int, int]:
     """(memory MiB, vCPUs) for the sandbox VM, from linux.resources.
 
@@ -125,7 +131,7 @@ def vm_size(config: dict) -> tuple[int, int]:
     memory = MIN_MEMORY_MIB
     limit = (resources.get("memory") or {}).get("limit")
     if isinstance(limit, int) and limit > 0:
-        memory = max(MIN_MEMORY_MIB, math.ceil(limit / (1 << 20)) + GUEST_OVERHEAD_MIB)
+        memory = max(MIN_MEMORY_MIB, vm_mib_for(limit))
     if memory > MAX_MEMORY_MIB:
         raise ConfigError(f"config.json /linux/resources/memory/limit: {limit} needs a {memory} MiB VM; "
                           f"the most kata-py gives one VM is {MAX_MEMORY_MIB} MiB")

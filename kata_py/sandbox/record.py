@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
 
 from .. import paths
-from ..vmm.host_cgroup import remove_host_cgroups
+from ..vmm.host_cgroup import remove_vm_run_dir
 from .share import remove_share_dir
 
 RECORD = "sandbox.json"
@@ -121,9 +120,7 @@ def clean_up_after(record: dict, timeout: float = 5.0) -> None:
         _end(record.get(f"{key}_pid"), record.get(f"{key}_start"), timeout)
     vm_run_dir = record.get("vm_run_dir")
     if vm_run_dir:
-        # Sockets and logs only: QEMU's 9p export is elsewhere.
-        shutil.rmtree(vm_run_dir, ignore_errors=True)
-        remove_host_cgroups(Path(vm_run_dir).name)
+        remove_vm_run_dir(Path(vm_run_dir))
     run_dir = Path(record["run_dir"])
     remove_share_dir(Path(record.get("share_dir") or run_dir / SHARE))
     _remove_run_dir(run_dir)

@@ -39,8 +39,8 @@ class Publisher:
         for key, value in fields.items():
             if value is None:
                 continue
-            if key == "exited_at":
-                message.exited_at.FromNanoseconds(int(value * 1e9))
+            if key == "exited_at":      # ns since the epoch (pod.Proc.exited_at)
+                message.exited_at.FromNanoseconds(value)
             elif hasattr(value, "DESCRIPTOR"):
                 getattr(message, key).CopyFrom(value)
             else:
@@ -48,7 +48,7 @@ class Publisher:
         if self.sender is None:
             self.sender = asyncio.ensure_future(self._send_all())
         try:
-            self.queue.put_nowait((time.time(), topic, message))
+            self.queue.put_nowait((time.time_ns(), topic, message))
         except asyncio.QueueFull:
             log.error("event queue full: %s dropped", topic)
 
@@ -62,7 +62,7 @@ class Publisher:
             finally:
                 self.queue.task_done()
 
-    async def _send(self, when: float, topic: str, message) -> None:
+    async def _send(self, when: int, topic: str, message) -> None:
         if not self.address:
             return
         for attempt in (1, 2):
@@ -72,7 +72,7 @@ class Publisher:
                                                              timeout=SEND_TIMEOUT)
                 envelope = self.protos.events_service.Envelope(namespace=self.namespace, topic=topic,
                                                                event=self.protos.pack_any(message))
-                envelope.timestamp.FromNanoseconds(int(when * 1e9))
+                envelope.timestamp.FromNanoseconds(when)
                 request = self.protos.events_service.ForwardRequest(envelope=envelope)
                 await self.client.call(SERVICE, "Forward", request, self.protos.message_class("google.protobuf.Empty"),
                                        namespace=self.namespace, timeout=SEND_TIMEOUT)

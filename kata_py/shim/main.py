@@ -190,16 +190,13 @@ def clean_up_pod(key: str) -> None:
     mounts with its mount namespace."""
     from ..network import detach_container_recorded
     from ..sandbox.share import remove_share_dir
-    from ..vmm.host_cgroup import remove_host_cgroups
+    from ..vmm.host_cgroup import remove_vm_run_dir
     from .pod import vm_dir
 
     directory = pod_dir(key)
     if (directory / "network.json").exists():
         detach_container_recorded(directory)        # reads <dir>/network.json
-    vm = vm_dir(directory, key)
-    if vm.exists():
-        shutil.rmtree(vm, ignore_errors=True)
-        remove_host_cgroups(vm.name)
+    remove_vm_run_dir(vm_dir(directory, key))
     remove_share_dir(directory / "share")
     for leftover in (socket_path(key), shim_dir() / f"{key}.log"):
         try:

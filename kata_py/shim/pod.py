@@ -113,7 +113,7 @@ class Proc:
         self.guest_pid = 0
         self.status = "created"         # created | running | stopped
         self.exit_status: int | None = None
-        self.exited_at: float | None = None
+        self.exited_at: int | None = None  # ns since the epoch, as containerd's Timestamps take it
         self.done = asyncio.Event()
         self.relay: asyncio.Task | None = None
         self.rows = int(spec.get("rows", 0))
@@ -151,7 +151,7 @@ class Proc:
             return
         self.status = "stopped"
         self.exit_status = status
-        self.exited_at = time.time()
+        self.exited_at = time.time_ns()
         self.stdio.close()
         self.done.set()
 
@@ -243,7 +243,7 @@ def pod_vm_size(config: dict) -> tuple[int, int]:
     container's own resources; at least POD_MEMORY_MIB without a pod figure."""
     import math
 
-    from ..oci.process_spec import GUEST_OVERHEAD_MIB, MAX_MEMORY_MIB, vm_size
+    from ..oci.process_spec import MAX_MEMORY_MIB, vm_mib_for, vm_size
 
     memory, cpus = vm_size(config)
     annotations = config.get("annotations") or {}
@@ -254,7 +254,7 @@ def pod_vm_size(config: dict) -> tuple[int, int]:
     except ValueError as exc:
         raise PodError("invalid", f"a CRI sandbox annotation is not a number: {exc}") from exc
     if pod_memory > 0:
-        memory = max(memory, math.ceil(pod_memory / (1 << 20)) + GUEST_OVERHEAD_MIB)
+        memory = max(memory, vm_mib_for(pod_memory))
     else:
         memory = max(memory, POD_MEMORY_MIB)
     if memory > MAX_MEMORY_MIB:
@@ -437,11 +437,11 @@ class Pod:
         return join
 
     def _check_size(self, config: dict) -> None:
-        from ..oci.process_spec import GUEST_OVERHEAD_MIB
+        from ..oci.process_spec import vm_mib_for
 
         limit = (((config.get("linux") or {}).get("resources") or {}).get("memory") or {}).get("limit")
         if isinstance(limit, int) and limit > 0:
-            needed = -(-limit // (1 << 20)) + GUEST_OVERHEAD_MIB
+            needed = vm_mib_for(limit)
             if needed > self.memory_mib:
                 raise PodError("invalid", f"a memory limit of {limit} needs a {needed} MiB VM; this pod's VM "
                                           f"has {self.memory_mib} MiB")

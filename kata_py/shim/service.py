@@ -83,7 +83,7 @@ class TaskService:
         proc = await self.pod.delete(task, request.exec_id)
         reply = self.shim.DeleteResponse(pid=os.getpid(), exit_status=proc.exit_status or 0)
         if proc.exited_at:
-            reply.exited_at.FromNanoseconds(int(proc.exited_at * 1e9))
+            reply.exited_at.FromNanoseconds(proc.exited_at)
         return reply
 
     async def exec(self, request, ctx):
@@ -131,7 +131,7 @@ class TaskService:
             status=getattr(self.p.task_types, status.upper()), stdin=proc.stdio.stdin, stdout=proc.stdio.stdout,
             stderr=proc.stdio.stderr, terminal=proc.stdio.terminal, exit_status=proc.exit_status or 0)
         if proc.exited_at:
-            reply.exited_at.FromNanoseconds(int(proc.exited_at * 1e9))
+            reply.exited_at.FromNanoseconds(proc.exited_at)
         return reply
 
     async def pids(self, request, ctx):
@@ -171,7 +171,7 @@ class TaskService:
         proc = self.pod.task(request.id).process(request.exec_id)
         await proc.done.wait()
         reply = self.shim.WaitResponse(exit_status=proc.exit_status or 0)
-        reply.exited_at.FromNanoseconds(int(proc.exited_at * 1e9))
+        reply.exited_at.FromNanoseconds(proc.exited_at)
         return reply
 
     async def stats(self, request, ctx):

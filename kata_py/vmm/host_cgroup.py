@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -382,6 +383,13 @@ def _enable_controllers(directory: Path) -> None:
             (directory / "cgroup.subtree_control").write_text(f"+{controller}")
         except OSError:
             pass        # writing a limit file it lacks says so
+
+
+def remove_vm_run_dir(run_dir: Path) -> None:
+    """What a VM whose QEMU is gone leaves: its run directory (sockets and
+    logs only: its 9p export is elsewhere) and the host cgroups named after it."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    remove_host_cgroups(Path(run_dir).name)
 
 
 def remove_host_cgroups(name: str, timeout: float = 2.0) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import LOGS, RUN_DIR
 from tests.cri_node import (CONTRIB_CONFIG, GATEWAY, HANDLER, NETNS_DIR, PAUSE_IMAGE, RUNC_ROOT, SUBNET, TAP_PREFIX,
-                            Node, cni_namespaces, links_in, mounts_under, processes_where, running_node,
+                            Node, cni_namespaces, described, links_in, mounts_under, processes_where, running_node,
                             wait_for)
 from tests.engines import IMAGE, kata_binary, leftover_processes
 
@@ -37,7 +37,8 @@ def run_dir_entries() -> set[str]:
 
 def shims_of(node: Node) -> list[str]:
     needle = str(node.socket).encode()
-    return processes_where(lambda _, argv: argv[0].endswith(b"containerd-shim-runc-v2") and needle in argv)
+    return described(processes_where(lambda _, argv: argv[0].endswith(b"containerd-shim-runc-v2")
+                                     and needle in argv))
 
 
 def netns_inode(path: str) -> int:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.cri_node import NETNS_DIR, SHIM_HANDLER, Node, processes_where, running_node, wait_for
+from tests.cri_node import NETNS_DIR, SHIM_HANDLER, Node, described, processes_where, running_node, wait_for
 from tests.engines import IMAGE
 from tests.terminal import drive_tty
 
@@ -31,16 +31,23 @@ def _ours(proc: str) -> bool:
     return b"KATA_PY_RUN_DIR=" + os.environ["KATA_PY_RUN_DIR"].encode() in environ
 
 
-def shim_processes() -> list[str]:
+def _shims() -> dict[int, list[bytes]]:
     """Daemons of kata-py's shim (`start` and `delete` runs end at once)."""
     return processes_where(lambda proc, argv: (b"kata_py.shim.main" in argv or argv[0].endswith(SHIM))
                            and _ours(proc))
 
 
+def shim_pids() -> list[int]:
+    return list(_shims())
+
+
+def shim_processes() -> list[str]:
+    return described(_shims())
+
+
 def qemus_of_pods() -> list[int]:
-    return [int(line.split(":", 1)[0]) for line in processes_where(
-        lambda proc, argv: b"qemu-system" in argv[0] and b"kata-py-pod-" in b" ".join(argv)
-        and _ours(proc))]
+    return list(processes_where(lambda proc, argv: b"qemu-system" in argv[0] and b"kata-py-pod-" in b" ".join(argv)
+                                and _ours(proc)))
 
 
 @pytest.fixture(scope="module")
@@ -224,10 +231,6 @@ def pod_with_a_sleeper(node: Node, name: str):
     container = node.create_container(pod_id, pod_config, "sleeper", ["sleep", "1000"])
     node.start_container(container)
     return pod_id, container
-
-
-def shim_pids() -> list[int]:
-    return [int(line.split(":", 1)[0]) for line in shim_processes()]
 
 
 def exit_code_when_exited(node: Node, container_id: str, timeout: float = 60) -> int:

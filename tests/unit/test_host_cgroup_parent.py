@@ -252,15 +252,15 @@ def test_only_a_cgroup_of_the_runtimes_choosing_adopts(fake):
 
 # -- the OCI CLI's plan --------------------------------------------------------------
 def test_the_launch_carries_the_cgroup_and_a_pooled_vm_is_not_taken(tmp_path):
-    from kata_py.oci.container import _pool_size
+    from kata_py.oci.container import _poolable
 
     launch = Launch(agent_id="a", create={}, process={}, rootfs="/r", cgroups_path="/kpt/c1",
                     host_resources={"memory": {"limit": 64 * MIB}})
     launch.write(str(tmp_path / "launch.json"))
     again = Launch.read(str(tmp_path / "launch.json"))
     assert again.cgroups_path == "/kpt/c1" and again.host_resources == {"memory": {"limit": 64 * MIB}}
-    assert _pool_size({"linux": {"cgroupsPath": "/kpt/c1"}}) is None
-    assert _pool_size({"linux": {}}) is not None
+    assert _poolable({"linux": {"cgroupsPath": "/kpt/c1"}}) is False
+    assert _poolable({"linux": {}}) is True
 
 
 # -- this host's cgroups ---------------------------------------------------------------
