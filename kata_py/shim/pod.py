@@ -33,6 +33,7 @@ from pathlib import Path
 
 from .. import hostsys
 from ..errors import KataError
+from ..protocol.oci_names import FLAG_OPTIONS
 from ..sandbox.process import ProcessSession
 from ..sandbox.share import TAG, ContainerShare
 
@@ -199,10 +200,10 @@ def mount_rootfs(mounts: list, target: Path) -> list[str]:
     made = []
     for mount in mounts:
         flags, data = 0, []
-        for option in mount.options:
-            flag = _MOUNT_FLAGS.get(option)
-            if flag is not None:
-                flags |= flag
+        for option in mount.options:    # flag options as the agent reads a spec's; the rest is the fs's data
+            if option in FLAG_OPTIONS:
+                clear, add = FLAG_OPTIONS[option]
+                flags = (flags & ~clear) | add
             else:
                 data.append(option)
         kind = mount.type
@@ -220,11 +221,6 @@ def mount_rootfs(mounts: list, target: Path) -> list[str]:
             raise PodError("failed", f"mounting the rootfs ({mount.type} {mount.source}): {exc.strerror}") from exc
         made.append(str(target))
     return made
-
-
-_MOUNT_FLAGS = {"ro": hostsys.MS_RDONLY, "rw": 0, "bind": hostsys.MS_BIND,
-                "rbind": hostsys.MS_BIND | hostsys.MS_REC, "nosuid": hostsys.MS_NOSUID,
-                "nodev": hostsys.MS_NODEV, "noexec": hostsys.MS_NOEXEC}
 
 
 def unmount_all(targets: list[str]) -> None:
