@@ -9,6 +9,7 @@ PACKAGES=(
   qemu-system-x86       # the VMM
   python3 python3-venv  # host runtime (Debian 12: Python 3.11)
   lz4                   # guest initramfs compression
+  gcc make flex bison bc libelf-dev libc6-dev  # the guest kernel, built once from linux-source-6.1
   busybox-static        # test bundles (a rootfs built locally; no registry)
   golang-github-opencontainers-specs-dev  # the official OCI runtime-spec JSON schemas
   golang-github-containerd-containerd-dev # containerd's .proto files (the shim v2's messages)
@@ -18,8 +19,10 @@ PACKAGES=(
   containernetworking-plugins             # podman's network backend (bridge, host-local, portmap)
   iptables                                # the NAT rules of podman's bridge network and -p
   runc crun runsc                         # peers for side-by-side benchmarks (runsc: gVisor)
+  openssh-server                          # sshd for the remote harness tests (started by them, in a private netns)
   docker.io                               # Docker drives kata-py through containerd's runc shim
   ca-certificates
+  chromium                                # headless: the harness report test opens its HTML page as a browser does
 )
 
 missing=()

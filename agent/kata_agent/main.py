@@ -39,10 +39,16 @@ def main() -> None:
             pid1.loopback_up()  # before any process runs: loopback always exists in the sandbox
         except OSError as exc:
             log(f"loopback: {exc}")
+    # The project's kernel has every driver built in and the image lists no
+    # modules; an image with a modular kernel (Debian's, kept for comparison)
+    # lists them in load order.
     modules = pid1.module_paths()
     split = max((i + 1 for i, path in enumerate(modules) if path.endswith(BOOT_MODULES)), default=len(modules))
-    pid1.load_modules(modules[:split])
-    log(f"loaded {split} boot modules")
+    if modules:
+        pid1.load_modules(modules[:split])
+        log(f"loaded {split} boot modules")
+    else:
+        pid1.lower_reporting_order()  # the balloon is built in: no module load to follow
 
     hostile = Hostile.from_cmdline()    # None unless a test asked for it on the kernel command line
     if hostile is not None:
@@ -58,7 +64,10 @@ def main() -> None:
         modules_ready.set()
         log(f"loaded {len(modules) - split} more modules")
 
-    threading.Thread(target=late_setup, daemon=True).start()
+    if modules[split:]:
+        threading.Thread(target=late_setup, daemon=True).start()
+    else:
+        modules_ready.set()
     threading.Thread(target=table.reap_forever, daemon=True).start()
     try:
         server.serve_forever(listener)

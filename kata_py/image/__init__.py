@@ -1,7 +1,10 @@
 """The guest image: kernel + initramfs the sandbox VMs boot.
 
 Built from Debian packages plus the agent, content-addressed under
-``<state>/images/<hash>/`` and rebuilt only when an input changes.
+``<state>/images/<hash>/`` and rebuilt only when an input changes. The kernel
+is the project's own (built from linux-source with guest-image/kernel.config);
+``KATA_PY_GUEST_KERNEL=debian`` selects the same userland on Debian's generic
+kernel instead, for comparison.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from .. import paths
 from ..errors import ImageError
 from . import builder
 
-__all__ = ["GuestImage", "build_image", "ensure_image", "find_image", "ImageError"]
+__all__ = ["GuestImage", "build_image", "ensure_image", "find_image", "ImageError", "VARIANTS"]
+
+VARIANTS = builder.VARIANTS
 
 
 @dataclass(frozen=True)
@@ -24,11 +29,16 @@ class GuestImage:
     floor_initrd: Path     # initramfs whose /init powers the VM off at once
     kernel_release: str    # e.g. "6.1.0-56-amd64"
     manifest: dict         # what went in: versions, sizes, build seconds, hashes
+    # The same userland as a read-only erofs disk, booted as the root instead
+    # of the initramfs where the kernel has erofs and virtio-blk built in.
+    rootfs: Path | None = None
 
     @classmethod
     def from_directory(cls, directory: Path, manifest: dict) -> "GuestImage":
+        rootfs = directory / builder.ROOTFS
         return cls(directory, directory / "vmlinux", directory / "initrd",
-                   directory / "floor-initrd", manifest["kernel_release"], manifest)
+                   directory / "floor-initrd", manifest["kernel_release"], manifest,
+                   rootfs if rootfs.is_file() else None)
 
 
 def _state(state_dir: Path | None) -> Path:
@@ -36,16 +46,17 @@ def _state(state_dir: Path | None) -> Path:
 
 
 def build_image(state_dir: Path | None = None, force: bool = False,
-                progress: bool = True) -> GuestImage:
+                progress: bool = True, variant: str | None = None) -> GuestImage:
     """Build the image for the current inputs (reusing an identical one unless ``force``)."""
-    directory, manifest = builder.build(_state(state_dir), force=force, progress=progress)
+    directory, manifest = builder.build(_state(state_dir), force=force, progress=progress,
+                                        variant=variant or builder.variant_from_env())
     return GuestImage.from_directory(directory, manifest)
 
 
-def find_image(state_dir: Path | None = None) -> GuestImage | None:
+def find_image(state_dir: Path | None = None, variant: str | None = None) -> GuestImage | None:
     """The current image, if a complete one exists; never builds."""
     state = _state(state_dir)
-    name = builder.current_name(state)
+    name = builder.current_name(state, variant or builder.variant_from_env())
     if not name:
         return None
     directory = builder.images_dir(state) / name
@@ -55,7 +66,8 @@ def find_image(state_dir: Path | None = None) -> GuestImage | None:
     return GuestImage.from_directory(directory, manifest)
 
 
-def ensure_image(state_dir: Path | None = None, progress: bool = True) -> GuestImage:
+def ensure_image(state_dir: Path | None = None, progress: bool = True,
+                 variant: str | None = None) -> GuestImage:
     """The current image if its local inputs are unchanged, else a fresh build.
 
     Runs on every VM start, so the up-to-date path only hashes the local
@@ -65,8 +77,9 @@ def ensure_image(state_dir: Path | None = None, progress: bool = True) -> GuestI
     # The state dir holds the guest image, the accel probe and the package cache:
     # 0700, created so or tightened (an older kata-py made it 0755).
     paths.ensure_private_dir(_state(state_dir))
-    image = find_image(state_dir)
+    variant = variant or builder.variant_from_env()
+    image = find_image(state_dir, variant)
     if image is not None and image.manifest.get("local_hash") == builder.local_hash(
             builder.Inputs.from_repo()):
         return image
-    return build_image(state_dir, progress=progress)
+    return build_image(state_dir, progress=progress, variant=variant)

@@ -4,8 +4,11 @@ Layout under the state directory::
 
     images/<hash>/            one finished image (never modified after the rename)
         vmlinux  initrd  floor-initrd  manifest.json
-    images/current -> <hash>  the image VM starts use
+    images/current -> <hash>  the image VM starts use (the project's kernel)
+    images/current-debian     the same userland on Debian's generic kernel and
+                              its modules, kept to measure against
     images/.lock              serialises builds between processes
+    kernels/<hash>/           the guest kernel built from linux-source (kernel_build)
     cache/debs/               downloaded .debs, named as in the Debian pool
 
 ``<hash>`` covers every input: the local files (agent, protocol, this
@@ -31,14 +34,29 @@ from pathlib import Path
 
 from .. import paths
 from ..errors import ImageError
-from . import cpio, debs, kernel, kmod
+from . import cpio, debs, kernel, kernel_build, kmod
 from .elf import ELFFile, ELFFormatError
 from .host_tools import require_tool
 from .progress import Reporter
 
 # Bumped when the builder changes what it produces in a way the hashed files
 # would not show (they include this package's own sources, so rarely needed).
-FORMAT = 1
+FORMAT = 2
+
+# The guest kernel: "sandbox" is built from linux-source with
+# guest-image/kernel.config, everything built in (the default); "debian" is
+# Debian's generic kernel with its virtio drivers as modules, as the image was
+# before, kept so benchmarks can compare the two in one run.
+VARIANTS = ("sandbox", "debian")
+DEFAULT_VARIANT = "sandbox"
+VARIANT_ENV = "KATA_PY_GUEST_KERNEL"
+
+
+def variant_from_env() -> str:
+    value = os.environ.get(VARIANT_ENV, DEFAULT_VARIANT) or DEFAULT_VARIANT
+    if value not in VARIANTS:
+        raise ImageError(f"{VARIANT_ENV}={value!r}: use one of {', '.join(VARIANTS)}")
+    return value
 
 PY = "python3.11"
 CORE_PACKAGES = ["busybox-static", f"{PY}-minimal", f"lib{PY}-minimal", f"lib{PY}-stdlib"]
@@ -52,6 +70,7 @@ STDLIB = f"usr/lib/{PY}"
 # copying). lz4 is kept because QEMU copies the initrd into guest RAM: 8 MB
 # instead of 17 MB of each guest's memory and of the host's RSS.
 INITRD_COMPRESSION = "lz4"
+ROOTFS = "rootfs.erofs"
 SKIP_DIRS = {"__pycache__"}
 SKIP_SUFFIXES = (".pyc", ".pyo", ".swp", "~")
 
@@ -101,8 +120,8 @@ def local_hash(inputs: Inputs) -> str:
     return h.hexdigest()
 
 
-def image_hash(local: str, versions: dict[str, str]) -> str:
-    h = hashlib.sha256(local.encode())
+def image_hash(local: str, versions: dict[str, str], variant: str = DEFAULT_VARIANT) -> str:
+    h = hashlib.sha256(f"{local}\0{variant}".encode())
     for name in sorted(versions):
         h.update(f"\0{name}={versions[name]}".encode())
     return h.hexdigest()
@@ -137,19 +156,23 @@ def _complete(directory: Path, manifest: dict | None) -> bool:
         (directory / n).is_file() for n in ("vmlinux", "initrd", "floor-initrd"))
 
 
-def set_current(state: Path, name: str) -> None:
-    """Point images/current at ``name`` atomically (symlink + rename)."""
+def current_link(variant: str = DEFAULT_VARIANT) -> str:
+    return "current" if variant == DEFAULT_VARIANT else f"current-{variant}"
+
+
+def set_current(state: Path, name: str, variant: str = DEFAULT_VARIANT) -> None:
+    """Point images/current(-variant) at ``name`` atomically (symlink + rename)."""
     idir = images_dir(state)
     tmp = idir / f".current-{os.getpid()}"
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
     os.symlink(name, tmp)
-    os.replace(tmp, idir / "current")
+    os.replace(tmp, idir / current_link(variant))
 
 
-def current_name(state: Path) -> str | None:
+def current_name(state: Path, variant: str = DEFAULT_VARIANT) -> str | None:
     try:
-        return os.readlink(images_dir(state) / "current")
+        return os.readlink(images_dir(state) / current_link(variant))
     except OSError:
         return None
 
@@ -171,8 +194,10 @@ class _Lock:
 # ------------------------------------------------------------------- build
 
 def build(state: Path, *, force: bool = False, progress: bool = True,
-          inputs: Inputs | None = None) -> tuple[Path, dict]:
+          inputs: Inputs | None = None, variant: str = DEFAULT_VARIANT) -> tuple[Path, dict]:
     """Build (or reuse) the image for the current inputs; returns (directory, manifest)."""
+    if variant not in VARIANTS:
+        raise ImageError(f"unknown guest kernel variant {variant!r}; use one of {', '.join(VARIANTS)}")
     inputs = inputs or Inputs.from_repo()
     _check_inputs(inputs)
     idir = images_dir(state)
@@ -185,17 +210,17 @@ def build(state: Path, *, force: bool = False, progress: bool = True,
         t0 = time.monotonic()
         local = local_hash(inputs)
         with rep.step("resolve", "resolving Debian packages"):
-            pkgs = _resolve(inputs)
+            pkgs = _resolve(inputs, variant)
         versions = {p.name: p.version for p in pkgs.values()}
-        digest = image_hash(local, versions)
+        digest = image_hash(local, versions, variant)
         final = idir / digest
         if not force and _complete(final, read_manifest(final)):
-            set_current(state, digest)
+            set_current(state, digest, variant)
             rep.note(f"image {digest[:12]} is up to date")
             return final, read_manifest(final)
         work = Path(tempfile.mkdtemp(prefix=".build-", dir=idir))
         try:
-            manifest = _assemble(state, inputs, pkgs, work, rep, local, digest)
+            manifest = _assemble(state, inputs, pkgs, work, rep, local, digest, variant)
             manifest["build_seconds"] = dict(rep.timings, total=round(time.monotonic() - t0, 3))
             out = work / "out"
             (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -204,7 +229,7 @@ def build(state: Path, *, force: bool = False, progress: bool = True,
                 # rename cannot replace a non-empty directory.
                 os.replace(final, work / "old")
             os.replace(out, final)
-            set_current(state, digest)
+            set_current(state, digest, variant)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         _prune(state, keep={digest, manifest.get("previous")})
@@ -215,7 +240,7 @@ def build(state: Path, *, force: bool = False, progress: bool = True,
 
 def _check_inputs(inputs: Inputs) -> None:
     need = [inputs.agent_dir / "init", inputs.agent_dir / "kata_agent",
-            inputs.protocol_dir, inputs.guest_dir / "modules.txt"]
+            inputs.protocol_dir, inputs.guest_dir / "modules.txt", inputs.guest_dir / "kernel.config"]
     for p in need:
         if not p.exists():
             raise ImageError(f"guest image input missing: {p}")
@@ -225,17 +250,25 @@ def _check_inputs(inputs: Inputs) -> None:
 
 
 def _prune(state: Path, keep: set) -> None:
-    """Drop images other than the current one and the one it replaced: a VM
-    that is starting right now may still be about to hand QEMU the old files."""
+    """Drop images other than the current ones (each variant's) and the one
+    just replaced: a VM that is starting right now may still be about to hand
+    QEMU the old files."""
+    keep = keep | {current_name(state, v) for v in VARIANTS}
     for d in images_dir(state).iterdir():
         if d.is_dir() and not d.is_symlink() and not d.name.startswith(".") and d.name not in keep:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def _resolve(inputs: Inputs) -> dict[str, debs.Package]:
+def _resolve(inputs: Inputs, variant: str = DEFAULT_VARIANT) -> dict[str, debs.Package]:
+    """The packages of an image; "kernel" names the one the kernel comes from
+    (the source package, or Debian's versioned kernel image)."""
     lib_pkgs = read_list(inputs.guest_dir / "lib-packages.txt")
-    names = [debs.KERNEL_META] + CORE_PACKAGES + [n for n in lib_pkgs if n not in CORE_PACKAGES]
-    found = debs.resolve(names)
+    names = CORE_PACKAGES + [n for n in lib_pkgs if n not in CORE_PACKAGES]
+    if variant == "sandbox":
+        found = debs.resolve(names + [kernel_build.SOURCE_PACKAGE])
+        found["kernel"] = found[kernel_build.SOURCE_PACKAGE]
+        return found
+    found = debs.resolve([debs.KERNEL_META] + names)
     kpkg = debs.kernel_package(found[debs.KERNEL_META])
     found.update(debs.resolve([kpkg]))
     found["kernel"] = found[kpkg]
@@ -243,7 +276,7 @@ def _resolve(inputs: Inputs) -> dict[str, debs.Package]:
 
 
 def _assemble(state: Path, inputs: Inputs, pkgs: dict[str, debs.Package], work: Path,
-              rep: Reporter, local: str, digest: str) -> dict:
+              rep: Reporter, local: str, digest: str, variant: str = DEFAULT_VARIANT) -> dict:
     kpkg = pkgs["kernel"]
     wanted = [p for n, p in pkgs.items() if n not in ("kernel", debs.KERNEL_META)]
     with rep.step("download", f"downloading {len(wanted)} packages"):
@@ -271,27 +304,51 @@ def _assemble(state: Path, inputs: Inputs, pkgs: dict[str, debs.Package], work: 
             kfuture.result()
     finally:
         pool.shutdown(wait=True)
-    with rep.step("vmlinux", "extracting vmlinux"):
-        vmlinuz = sorted((kx / "boot").glob("vmlinuz-*"))
-        if len(vmlinuz) != 1:
-            raise ImageError(f"{kpkg.name}: expected one /boot/vmlinuz-*, found {len(vmlinuz)}")
-        release = vmlinuz[0].name[len("vmlinuz-"):]
-        kfmt = kernel.extract_vmlinux(vmlinuz[0], out / "vmlinux")
-    with rep.step("modules", "resolving kernel modules"):
-        modules = _stage_modules(inputs, kx / "lib" / "modules" / release, release, root)
+    kinfo: dict = {}
+    if variant == "sandbox":
+        tarballs = sorted((kx / "usr" / "src").glob("linux-source-*.tar.*"))
+        if len(tarballs) != 1:
+            raise ImageError(f"{kpkg.name}: expected one /usr/src/linux-source-*.tar.*, found {len(tarballs)}")
+        # Not a rep.step: the build draws its own progress bar (one live display at a time).
+        t0 = time.monotonic()
+        kdir = kernel_build.build(state, inputs.guest_dir / "kernel.config", tarballs[0],
+                                  kpkg.version, progress=rep.enabled)
+        rep.timings["kernel-build"] = round(time.monotonic() - t0, 3)
+        kinfo = kernel_build.info(kdir)
+        release, kfmt, modules = kinfo["release"], "none", []
+        # A hard link: the image directory owns its files even after the
+        # kernel cache moves on to another fragment.
+        try:
+            os.link(kdir / "vmlinux", out / "vmlinux")
+        except OSError:
+            shutil.copyfile(kdir / "vmlinux", out / "vmlinux")
+    else:
+        with rep.step("vmlinux", "extracting vmlinux"):
+            vmlinuz = sorted((kx / "boot").glob("vmlinuz-*"))
+            if len(vmlinuz) != 1:
+                raise ImageError(f"{kpkg.name}: expected one /boot/vmlinuz-*, found {len(vmlinuz)}")
+            release = vmlinuz[0].name[len("vmlinuz-"):]
+            kfmt = kernel.extract_vmlinux(vmlinuz[0], out / "vmlinux")
+        with rep.step("modules", "resolving kernel modules"):
+            modules = _stage_modules(inputs, kx / "lib" / "modules" / release, release, root)
     _stage_base(root, {"kernel_release": release, "image_hash": digest,
                        "python": pyinfo["version"].split()[0]})
     with rep.step("initrd", "writing the initramfs"):
         raw = _write_initrd(root, out / "initrd", INITRD_COMPRESSION)
         _write_floor(inputs, ux, out / "floor-initrd")
+    if variant == "sandbox":
+        with rep.step("rootfs", "writing the read-only root filesystem"):
+            write_erofs(root, out / ROOTFS)
     return {
         "format": FORMAT,
         "image_hash": digest,
         "local_hash": local,
-        "previous": current_name(state),
+        "previous": current_name(state, variant),
+        "kernel_variant": variant,
         "kernel_release": release,
         "kernel_package": kpkg.name,
         "kernel_compression": kfmt,
+        "kernel_build": kinfo,
         "initrd_compression": INITRD_COMPRESSION,
         "python_version": pyinfo["version"],
         "packages": {n: p.as_manifest() for n, p in sorted(pkgs.items()) if n != "kernel"},
@@ -304,6 +361,7 @@ def _assemble(state: Path, inputs: Inputs, pkgs: dict[str, debs.Package], work: 
             "initrd": (out / "initrd").stat().st_size,
             "initrd_uncompressed": raw,
             "floor_initrd": (out / "floor-initrd").stat().st_size,
+            **({"rootfs": (out / ROOTFS).stat().st_size} if (out / ROOTFS).exists() else {}),
         },
         "built_at": int(time.time()),
     }
@@ -536,7 +594,10 @@ def _stage_modules(inputs: Inputs, modroot: Path, release: str, root: Path) -> l
 def _stage_base(root: Path, info: dict) -> None:
     for d, mode in [("proc", 0o555), ("sys", 0o555), ("dev", 0o755), ("run", 0o755),
                     ("tmp", 0o1777), ("etc", 0o755), ("root", 0o700), ("var", 0o755),
-                    ("var/tmp", 0o1777), ("mnt", 0o755)]:
+                    ("var/tmp", 0o1777), ("mnt", 0o755),
+                    # where the agent binds the root over itself (pid1.ROOT_BIND): on a
+                    # read-only root it must exist already
+                    (".root", 0o700)]:
         (root / d).mkdir(parents=True, exist_ok=True)
         os.chmod(root / d, mode)
     (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
@@ -569,6 +630,27 @@ def write_cpio(entries: list[cpio.Entry], dest: Path, compression: str) -> int:
     else:
         raise ImageError(f"unknown initramfs compression {compression!r}")
     return size
+
+
+def write_erofs(root: Path, dest: Path) -> None:
+    """The guest's userland as an uncompressed erofs image.
+
+    Every VM boots from the same file on a read-only virtio-blk disk, so the
+    host holds one copy in its page cache, and each guest reads into its own
+    memory only the blocks it uses, instead of unpacking the whole initramfs
+    into RAM. Uncompressed: under TCG, decompressing in the guest costs more
+    than the host's page cache saves. The kernel opens /dev/console on the
+    root before /init runs, so the node is in the image.
+    """
+    require_tool("mkfs.erofs", "erofs-utils")
+    console = root / CONSOLE.path
+    console.parent.mkdir(parents=True, exist_ok=True)
+    if not console.exists():
+        os.mknod(console, CONSOLE.mode, os.makedev(5, 1))
+    proc = subprocess.run(["mkfs.erofs", "-T0", "--all-root", "--quiet", str(dest), str(root)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ImageError(f"mkfs.erofs failed: {(proc.stderr or proc.stdout).strip()[-1000:]}")
 
 
 def _write_initrd(root: Path, dest: Path, compression: str) -> int:

@@ -93,3 +93,15 @@ def test_share_arguments_escape_commas_and_honour_readonly():
     assert args[3] == "virtio-9p-device,fsdev=fs-rootfs,mount_tag=rootfs"
     assert Share("r", Path("/x")).qemu_args("pci")[3].startswith("virtio-9p-pci,")
     assert "readonly" not in Share("r", Path("/x")).qemu_args("pci")[1]
+
+
+def test_a_rootfs_disk_replaces_the_initrd(tmp_path):
+    argv = build_argv(config(tmp_path, rootfs=tmp_path / "rootfs.erofs"), qmp_fd=3)
+    assert "-initrd" not in argv
+    drive = argv[argv.index("-drive") + 1]
+    assert f"file={tmp_path / 'rootfs.erofs'}" in drive and "readonly=on" in drive
+    assert "virtio-blk-device,drive=rootfs" in argv
+    append = argv[argv.index("-append") + 1]
+    assert "root=/dev/vda" in append and "rootfstype=erofs" in append and " ro " in f" {append} "
+    plain = build_argv(config(tmp_path), qmp_fd=3)
+    assert "-initrd" in plain and "-drive" not in plain
