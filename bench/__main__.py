@@ -6,6 +6,8 @@ the same invocation, interleaved:
   coldstart  `run` of /bin/true: kata-py, runc, crun, runsc and the floor, with
              kata-py's phases
   execio     exec /bin/true latency; stdio throughput both ways
+  fileio     untar, 256 MiB write and read, stat of 10,000 files, through the
+             container's rootfs: kata-py on virtio-fs and on 9p, runc, runsc
   pool       start from the VM pool (`kata-py factory`), next to runsc
   memory     PSS per idle sandbox at 1, 10 and 30; density (sandboxes started
              before a start takes twice as long)
@@ -31,10 +33,10 @@ import time
 import traceback
 from pathlib import Path
 
-from . import coldstart, execio, memory, pods, pool, report
+from . import coldstart, execio, fileio, memory, pods, pool, report
 from .common import REPO, Peers, host_facts, make_bundle, make_rootfs, require
 
-SECTIONS = ("coldstart", "execio", "pool", "memory", "pods")
+SECTIONS = ("coldstart", "execio", "fileio", "pool", "memory", "pods")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -71,10 +73,17 @@ def main(argv=None) -> int:
     from kata_py.vmm.probe import choose_accel
 
     image = ensure_image(progress=False)
+    # The image of before (Debian's generic kernel, modules, initramfs),
+    # built now so that no timed run pays for it.
+    generic_image = ensure_image(progress=False, variant="debian")
     accel = choose_accel(image.kernel, image.floor_initrd, paths.state_dir()).accel
     results: dict = {"benchmark": "kata-py suite", "host": host_facts(), "accel": accel,
                      "image": {"kernel_release": image.kernel_release, "initrd_bytes": image.initrd.stat().st_size,
-                               "vmlinux_bytes": image.kernel.stat().st_size},
+                               "vmlinux_bytes": image.kernel.stat().st_size,
+                               "rootfs_bytes": image.rootfs.stat().st_size if image.rootfs else None,
+                               "generic": {"kernel_release": generic_image.kernel_release,
+                                           "initrd_bytes": generic_image.initrd.stat().st_size,
+                                           "vmlinux_bytes": generic_image.kernel.stat().st_size}},
                      "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                      "errors": {}}
     work = Path(tempfile.mkdtemp(prefix="kata-py-bench-"))
@@ -91,10 +100,12 @@ def main(argv=None) -> int:
             print(f"bench: {section} ({time.monotonic() - began:.0f} s in)", file=sys.stderr)
             try:
                 if section == "coldstart":
-                    results[section] = coldstart.measure(peers, image, accel, true_bundle, args.runs)
+                    results[section] = coldstart.measure(peers, image, accel, true_bundle, args.runs, generic_image)
                 elif section == "execio":
                     results[section] = execio.measure(peers, idle_bundle, args.runs, args.stdio_mib, args.exec_runs,
                                                       args.stdio_window)
+                elif section == "fileio":
+                    results[section] = fileio.measure(peers, args.runs, work)
                 elif section == "pool":
                     results[section] = pool.measure(peers, true_bundle, args.runs, args.pool_size)
                 elif section == "memory":

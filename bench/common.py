@@ -24,6 +24,11 @@ REPO = Path(__file__).resolve().parent.parent
 KATA = REPO / ".venv" / "bin" / "kata-py"
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 RUNTIMES = ("kata-py", "runc", "crun", "runsc")
+# kata-py with the guest image of before the project built its own kernel:
+# the same userland on Debian's generic kernel (modules, initramfs). Measured
+# beside kata-py where the kernel is the lever (cold start, memory).
+GENERIC = "kata-py-generic"
+GENERIC_ENV = {"KATA_PY_GUEST_KERNEL": "debian"}
 # runsc on this host: ptrace is the platform that works without KVM, and its
 # netstack needs CAP_NET_ADMIN setups we do not want: no network.
 RUNSC_FLAGS = ["--network=none", "--platform=ptrace"]
@@ -121,26 +126,42 @@ class Peers:
 
     def __init__(self, work: Path) -> None:
         self.work = work
-        self.roots = {name: work / f"root-{name}" for name in RUNTIMES}
+        self.roots = {name: work / f"root-{name}" for name in RUNTIMES + (GENERIC,)}
         self.log = work / "kata-py.log"
+        self.generic_log = work / "kata-py-generic.log"
         self.available: dict[str, str] = {}   # name -> "" when usable, else why not
 
     def binary(self, name: str) -> list[str]:
         if name == "kata-py":
             return [str(KATA), "--root", str(self.roots[name]), "--log", str(self.log)]
+        if name == GENERIC:
+            return [str(KATA), "--root", str(self.roots[name]), "--log", str(self.generic_log)]
         base = [shutil.which(name) or name, "--root", str(self.roots[name])]
         return base[:1] + RUNSC_FLAGS + base[1:] if name == "runsc" else base
 
     def preexec(self, name: str):
         return crun_preexec(name)
 
+    def env(self, name: str) -> dict | None:
+        return dict(os.environ, **GENERIC_ENV) if name == GENERIC else None
+
     def run(self, name: str, bundle: Path, container_id: str, **kwargs) -> Timed:
+        kwargs.setdefault("env", self.env(name))
         return run_timed(self.binary(name) + ["run", "--bundle", bundle, container_id],
                          preexec_fn=self.preexec(name), **kwargs)
 
+    def wait_deleted(self, name: str, container_id: str, timeout: float = 120) -> None:
+        """kata-py's `run` returns at the container's exit and deletes it behind
+        (the VM's teardown): wait for that, untimed, so each round starts on a
+        quiet host and its timing records end with its own teardown."""
+        state = self.roots[name] / container_id
+        deadline = time.monotonic() + timeout
+        while state.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
     def start_detached(self, name: str, bundle: Path, container_id: str) -> None:
         result = run_timed(self.binary(name) + ["run", "--detach", "--bundle", bundle, container_id],
-                           preexec_fn=self.preexec(name), capture=False, timeout=180)
+                           preexec_fn=self.preexec(name), capture=False, timeout=180, env=self.env(name))
         if result.returncode != 0:
             raise RuntimeError(f"{name} run --detach {container_id} failed ({result.returncode})")
 
@@ -154,8 +175,8 @@ class Peers:
     def probe(self, bundle: Path) -> None:
         """Which peers run a container here; an unusable one is reported with
         its error, never given a number."""
-        for name in RUNTIMES:
-            if name == "kata-py":
+        for name in RUNTIMES + (GENERIC,):
+            if name in ("kata-py", GENERIC):
                 # Not probed: a run costs a whole cold start here, and the
                 # sections measure it anyway (a failure shows there).
                 self.available[name] = "" if KATA.exists() else f"{KATA} is missing (make setup)"

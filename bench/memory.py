@@ -25,7 +25,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .common import KATA, Peers, run_timed, summary
+from .common import GENERIC, Peers, run_timed, summary
 
 SAMPLES = 5
 SAMPLE_INTERVAL = 1.0
@@ -112,10 +112,11 @@ def _mem_available_mib() -> float:
 
 
 class Ramp:
-    def __init__(self, peers: Peers, bundle: Path, parallel: int) -> None:
+    def __init__(self, peers: Peers, bundle: Path, parallel: int, name: str = "kata-py") -> None:
         self.peers = peers
         self.bundle = bundle
         self.parallel = parallel
+        self.name = name   # kata-py, or kata-py on the generic-kernel image
         self.ids: list[str] = []
         self.serial = 0
 
@@ -126,8 +127,8 @@ class Ramp:
     def start_one(self) -> float:
         container_id = self._new_id()
         self.ids.append(container_id)
-        result = run_timed(self.peers.binary("kata-py") + ["run", "--detach", "--bundle", self.bundle, container_id],
-                           capture=False, timeout=300)
+        result = run_timed(self.peers.binary(self.name) + ["run", "--detach", "--bundle", self.bundle, container_id],
+                           capture=False, timeout=300, env=self.peers.env(self.name))
         if result.returncode != 0:
             raise RuntimeError(f"kata-py run --detach {container_id} failed ({result.returncode})")
         return result.wall
@@ -140,7 +141,7 @@ class Ramp:
     def monitor_pids(self) -> list[int]:
         pids = []
         for container_id in self.ids:
-            state = subprocess.run(self.peers.binary("kata-py") + ["state", container_id], capture_output=True)
+            state = subprocess.run(self.peers.binary(self.name) + ["state", container_id], capture_output=True)
             if state.returncode == 0:
                 pids.append(json.loads(state.stdout)["pid"])
         return pids
@@ -157,7 +158,7 @@ class Ramp:
 
     def delete_all(self) -> None:
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            list(pool.map(lambda cid: self.peers.delete("kata-py", cid), self.ids))
+            list(pool.map(lambda cid: self.peers.delete(self.name, cid), self.ids))
         self.ids.clear()
 
 
@@ -190,6 +191,25 @@ def _peer_memory(peers: Peers, bundle: Path) -> dict:
             out[name] = {"error": str(exc)[:300]}
         finally:
             peers.delete(name, container_id)
+    return out
+
+
+def generic_memory(peers: Peers, bundle: Path, memory_at: list[int], parallel: int) -> dict:
+    """PSS per sandbox at the same counts with the generic-kernel image (the
+    image of before the project's own kernel and read-only root disk)."""
+    if peers.available.get(GENERIC) != "":
+        return {"error": peers.available.get(GENERIC, "not probed")}
+    ramp = Ramp(peers, bundle, parallel, GENERIC)
+    out: dict = {}
+    try:
+        count = 0
+        for checkpoint in sorted(set(memory_at)):
+            ramp.add(checkpoint - count)
+            count = checkpoint
+            time.sleep(SETTLE)
+            out[str(count)] = ramp.sample_memory()
+    finally:
+        ramp.delete_all()
     return out
 
 
@@ -246,4 +266,5 @@ def measure(peers: Peers, bundle: Path, memory_at: list[int], cap: int, step: in
     finally:
         ramp.delete_all()
     result["seconds"] = round(time.monotonic() - began, 1)
-    return {"memory": memory, "density": result, "peer_memory_at_1": _peer_memory(peers, bundle)}
+    return {"memory": memory, "density": result, "peer_memory_at_1": _peer_memory(peers, bundle),
+            "generic_kernel_memory": generic_memory(peers, bundle, memory_at, parallel)}

@@ -66,6 +66,7 @@ def measure(peers: Peers, bundle: Path, runs: int, size: int, memory_mib: int = 
                     spawn = time.time()
                     result = peers.run("kata-py", bundle, container_id, env=env)
                     end = time.time()
+                    peers.wait_deleted("kata-py", container_id)
                     text = peers.log.read_bytes()[offset:].decode(errors="replace")
                     pooled += POOLED_MARK in text
                     records, offset = read_timing(peers.log, offset)

@@ -21,6 +21,9 @@ def targets(results: dict) -> list[dict]:
     if "kata_py_over_floor" in cold:
         out.append({"target": "cold start <= 1.25x the floor", "measured": f"{cold['kata_py_over_floor']}x",
                     "met": cold["kata_py_over_floor"] <= 1.25})
+    if "kata_py_over_generic" in cold:
+        out.append({"target": "cold start <= 0.35x the generic-kernel image (issue 16)",
+                    "measured": f"{cold['kata_py_over_generic']}x", "met": cold["kata_py_over_generic"] <= 0.35})
     pool = results.get("pool") or {}
     if "pool_over_runsc" in pool:
         out.append({"target": "start from the pool <= runsc's", "measured": f"{pool['pool_over_runsc']}x runsc",
@@ -28,8 +31,16 @@ def targets(results: dict) -> list[dict]:
     memory = (results.get("memory") or {}).get("memory", {})
     if "10" in memory:
         pss = memory["10"]["pss_mib"]["total"]["median"]
+        out.append({"target": "idle sandbox <= 100 MiB PSS at 10 sandboxes (issue 16)",
+                    "measured": f"{pss:.1f} MiB", "met": pss <= 100})
         out.append({"target": "idle sandbox <= 60 MiB PSS at 10 sandboxes (128 MiB guest)",
                     "measured": f"{pss:.1f} MiB", "met": pss <= 60})
+    fileio = results.get("fileio") or {}
+    for step in ("untar", "stat"):
+        ratio = (fileio.get(f"{step}_over_runc") or {}).get("kata-py")
+        if ratio is not None:
+            out.append({"target": f"file I/O: {step} <= 3x runc (virtio-fs)", "measured": f"{ratio}x runc",
+                        "met": ratio <= 3})
     execio = results.get("execio") or {}
     exec_s = (execio.get("exec_true_s") or {}).get("kata-py")
     if exec_s and exec_s.get("runs"):
@@ -97,6 +108,21 @@ def _pods(pods: dict) -> list[str]:
     return lines
 
 
+MEMORY_KINDS = ("total", "qemu", "qemu_anon", "qemu_shmem", "qemu_file", "monitor", "vsock_backend")
+
+
+def _memory_table(memory: dict, with_drop: bool) -> list[str]:
+    """PSS per idle sandbox by kind, one row per sandbox count."""
+    head = ["sandboxes"] + [KIND_NAMES.get(k, k) for k in MEMORY_KINDS]
+    head += ["MemAvailable drop / sandbox"] if with_drop else []
+    rows = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for count, m in memory.items():
+        cells = [count] + [_cell(m["pss_mib"].get(k), "", 1) for k in MEMORY_KINDS]
+        cells += [str(m.get("mem_available_drop_per_sandbox_mib"))] if with_drop else []
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
 def markdown(results: dict) -> str:
     lines = [f"# kata-py benchmarks ({results.get('finished_at', '')})", ""]
     host = results.get("host", {})
@@ -109,7 +135,7 @@ def markdown(results: dict) -> str:
         lines += ["## Cold start: `run` of /bin/true", "",
                   f"{cold['runs']} runs each, interleaved (order rotated each round).", "",
                   "| runtime | wall s | CPU s (whole process tree) |", "|---|---|---|"]
-        for name in ["floor", "kata-py", "runc", "crun", "runsc"]:
+        for name in ["floor", "kata-py", "floor-generic", "kata-py-generic", "runc", "crun", "runsc"]:
             if name in cold["wall_s"]:
                 lines.append(f"| {name} | {_cell(cold['wall_s'][name])} | {_cell(cold['cpu_s'][name])} |")
             elif peers.get(name):
@@ -117,6 +143,11 @@ def markdown(results: dict) -> str:
         if "kata_py_over_floor" in cold:
             lines += ["", f"kata-py / floor: **{cold['kata_py_over_floor']}×** wall, "
                           f"{cold['kata_py_over_floor_cpu']}× CPU."]
+        if "kata_py_over_generic" in cold:
+            lines += ["", "`-generic`: the image of before, Debian's generic kernel with modules and the "
+                          "userland as an initramfs, in the same rounds. kata-py / kata-py-generic: "
+                          f"**{cold['kata_py_over_generic']}×**; floor / floor-generic: "
+                          f"{cold['floor_over_generic_floor']}×."]
         if "kata_py_phases_s" in cold:
             lines += _phase_table("kata-py `run` by phase (s; guest times placed on the host clock by the agent's "
                                   "uptime in its ping reply):", cold["kata_py_phases_s"])
@@ -133,22 +164,24 @@ def markdown(results: dict) -> str:
             lines.append(f"| {name} | {_cell(s)} | {_cell(execio['stdout_MBps'].get(name), '', 1)} | "
                          f"{_cell(execio['stdin_MBps'].get(name), '', 1)} |")
         lines.append("")
+    if results.get("fileio"):
+        from .fileio import markdown as fileio_markdown
+
+        lines += fileio_markdown(results["fileio"])
     mem = results.get("memory")
     if mem:
         memory = mem.get("memory", {})
         if memory:
-            lines += ["## Memory per idle sandbox (PSS, MiB)", "",
-                      "| sandboxes | total | QEMU | QEMU anon | QEMU guest RAM (shmem) | QEMU files | monitor | "
-                      "vsock backend | MemAvailable drop / sandbox |", "|---|---|---|---|---|---|---|---|---|"]
-            for count, m in memory.items():
-                p = m["pss_mib"]
-                lines.append(f"| {count} | {_cell(p.get('total'), '', 1)} | {_cell(p.get('qemu'), '', 1)} | "
-                             f"{_cell(p.get('qemu_anon'), '', 1)} | {_cell(p.get('qemu_shmem'), '', 1)} | "
-                             f"{_cell(p.get('qemu_file'), '', 1)} | {_cell(p.get('monitor'), '', 1)} | "
-                             f"{_cell(p.get('vsock_backend'), '', 1)} | {m.get('mem_available_drop_per_sandbox_mib')} |")
+            lines += ["## Memory per idle sandbox (PSS, MiB)", ""] + _memory_table(memory, with_drop=True)
             lines += ["", "MemAvailable drop / sandbox: the host's MemAvailable before the ramp minus now, over the "
                           "count; it includes the guests' kernel-side costs but also whatever else the host did "
                           "meanwhile, so it is only indicative at small counts.", ""]
+        generic = mem.get("generic_kernel_memory") or {}
+        if generic and "error" not in generic:
+            lines += ["The image of before (generic kernel, initramfs), same counts:", ""]
+            lines += _memory_table(generic, with_drop=False) + [""]
+        elif generic:
+            lines += [f"Generic-kernel image: {generic['error']}", ""]
         peer_mem = mem.get("peer_memory_at_1") or {}
         if peer_mem:
             lines += ["Peers, one idle container: " + ", ".join(

@@ -6,7 +6,10 @@
     memory_mib = 256    # their size: containers that need more boot their own
     cpus = 1
 
-A missing file means the defaults.
+    [vm]
+    shared_fs = "virtio-fs"     # or "9p": how container files reach the guest
+
+A missing file means the defaults. $KATA_PY_SHARED_FS overrides [vm] shared_fs.
 """
 
 from __future__ import annotations
@@ -52,3 +55,27 @@ def load_factory_config() -> FactoryConfig:
                 raise ConfigError(f"{path}: [factory] {key} must be an integer in {low}..{high}")
             values[key] = value
     return FactoryConfig(**values)
+
+
+SHARED_FILESYSTEMS = ("virtio-fs", "9p")
+DEFAULT_SHARED_FS = "virtio-fs"
+
+
+def shared_fs() -> str:
+    """How a VM's export of container files reaches its guest: virtio-fs
+    (a virtiofsd per VM) or virtio-9p (QEMU itself)."""
+    value = os.environ.get("KATA_PY_SHARED_FS")
+    where = "$KATA_PY_SHARED_FS"
+    if not value:
+        path = config_path()
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            return DEFAULT_SHARED_FS
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        value = data.get("vm", {}).get("shared_fs", DEFAULT_SHARED_FS)
+        where = f"{path}: [vm] shared_fs"
+    if value not in SHARED_FILESYSTEMS:
+        raise ConfigError(f"{where} must be one of {', '.join(SHARED_FILESYSTEMS)}, not {value!r}")
+    return value

@@ -81,7 +81,15 @@ def monitors_under(root: Path) -> list[int]:
 
 def assert_nothing_left(root: Path) -> None:
     """Nothing of the containers under `root` is left. A running VM factory's
-    own directory and pooled VMs (kept under it) do not count."""
+    own directory and pooled VMs (kept under it) do not count.
+
+    A foreground `run` returns its container's status as soon as the
+    container has exited; the owner then tears the VM down and `run`'s
+    deleter removes the container once the owner is gone: that is waited
+    for (bounded), then nothing may be left."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (monitors_under(root) or (root.exists() and any(root.iterdir()))):
+        time.sleep(0.1)
     entries = sorted(p.name for p in root.iterdir()) if root.exists() else []
     assert entries == [], f"left under --root: {entries}"
     assert monitors_under(root) == []

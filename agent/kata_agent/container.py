@@ -1,7 +1,7 @@
 """Containers inside the guest: the shared rootfs and each process's set-up.
 
 A container's files come from one host directory shared into the VM
-(virtio-9p, one mount tag per container) and mounted under
+(virtio-fs or virtio-9p, one mount tag per export) and mounted under
 /run/kata/containers/<id>/share: the rootfs at `rootfs_path` in it, the
 sources of its bind mounts beside it. Its init process gets the namespaces
 the spec lists (the guest's network namespace is the VM's own, so never a new
@@ -37,7 +37,6 @@ from .syscalls import (CLONE_NEWCGROUP, CLONE_NEWIPC, CLONE_NEWNS, CLONE_NEWPID,
                        MS_SLAVE, MS_UNBINDABLE)
 
 CONTAINERS_DIR = "/run/kata/containers"
-NINEP_OPTIONS = "trans=virtio,version=9p2000.L,msize=262144,cache=mmap,access=client"
 NETWORK_FILES = {"/etc/hosts": "/run/kata/network/hosts", "/etc/resolv.conf": "/run/kata/network/resolv.conf",
                  "/etc/hostname": "/run/kata/network/hostname"}
 
@@ -78,7 +77,7 @@ class Container:
         self.no_pivot = bool(spec.get("no_pivot"))
         self.init_pid: int | None = None
         self.init_process = None               # its processes.Process, for a pidfd while it runs
-        self.mount_tag: str | None = None      # the 9p tag its share came from
+        self.mount_tag: str | None = None      # the tag its share came from
         self.cgroup = Cgroup(container_id)
         self.seccomp = None
 
@@ -165,9 +164,9 @@ class Containers:
     def create(self, container_id: str, mount_tag: str, spec: dict, resources: dict | None = None) -> Container:
         validate_spec(spec)
         share = f"{CONTAINERS_DIR}/{container_id}/share"
-        # 9p is among the modules the agent loads after it starts listening.
+        # virtio-fs and 9p are among the modules the agent loads after it starts listening.
         if self.modules_ready is not None and not self.modules_ready.wait(self.MODULES_TIMEOUT):
-            raise ProcessError("failed", "the guest's 9p modules did not load")
+            raise ProcessError("failed", "the guest's shared filesystem modules did not load")
         with self.lock:
             if container_id in self.by_id:
                 raise ProcessError("exists", f"container {container_id!r} already exists")
@@ -182,7 +181,7 @@ class Containers:
                 else:
                     # Read-write even for a read-only root: mount points may have to be
                     # made first; the container's view is remounted read-only after.
-                    self._mount_9p(mount_tag, share)
+                    self._mount_share(mount_tag, share)
             except OSError as exc:
                 raise ProcessError("failed", f"cannot mount the share {mount_tag!r}: {exc.strerror}") from None
             container = Container(container_id, share, spec)
@@ -202,14 +201,14 @@ class Containers:
 
     BUSY_TIMEOUT = 2.0
 
-    def _mount_9p(self, mount_tag: str, share: str) -> None:
+    def _mount_share(self, mount_tag: str, share: str) -> None:
         """A container deleted a moment ago may still hold the channel (its
         lazily detached mount goes once its last file is closed): EBUSY for
         a short while is worth a retry."""
         deadline = time.monotonic() + self.BUSY_TIMEOUT
         while True:
             try:
-                self.sys.mount(mount_tag, share, "9p", 0, NINEP_OPTIONS)
+                mountlib.mount_share(self.sys, mount_tag, share)
                 return
             except OSError as exc:
                 if exc.errno != errno.EBUSY or time.monotonic() > deadline:

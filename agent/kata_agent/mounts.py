@@ -31,6 +31,37 @@ BIND_REMOUNT_FLAGS = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_NOATIME |
 ST_FLAGS_KEPT = MS_NOSUID | MS_NODEV | MS_NOEXEC  # statvfs f_flag bits equal the MS_ ones for these
 
 
+# A virtio-9p device names its mount tag in sysfs; virtio-fs (in the kernels
+# the guest runs) does not: a tag no 9p device carries is virtio-fs's.
+NINEP_DEVICES = "/sys/bus/virtio/drivers/9pnet_virtio"
+NINEP_OPTIONS = "trans=virtio,version=9p2000.L,msize=262144,cache=mmap,access=client"
+
+
+def ninep_tags() -> set[str]:
+    tags = set()
+    try:
+        names = os.listdir(NINEP_DEVICES)
+    except OSError:
+        return tags     # no 9p driver: every share is virtio-fs
+    for name in names:
+        try:
+            with open(os.path.join(NINEP_DEVICES, name, "mount_tag"), "rb") as f:
+                tags.add(f.read(256).strip(b"\0\n ").decode("ascii", "replace"))
+        except OSError:
+            continue    # not a device entry (bind, uevent, ...)
+    return tags
+
+
+def mount_share(sys_, tag: str, target: str) -> str:
+    """Mount the host's export `tag` on `target` with the filesystem that
+    carries it; return that filesystem's name."""
+    if tag in ninep_tags():
+        sys_.mount(tag, target, "9p", 0, NINEP_OPTIONS)
+        return "9p"
+    sys_.mount(tag, target, "virtiofs", 0, "")
+    return "virtiofs"
+
+
 class MountError(OSError):
     """A spec mount that cannot be made; the message names the destination."""
 

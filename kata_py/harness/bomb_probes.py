@@ -8,7 +8,7 @@ the host down."""
 from __future__ import annotations
 
 from .host_state import describe_responsiveness, host_responsiveness
-from .probe import Output, Probe, Verdict, broke, held, one_line, skipped
+from .probe import MISSING_EVIDENCE, Output, Probe, Verdict, broke, held, inconclusive, one_line
 
 FORK_BOMB_SIZE = 2047  # processes when nothing stops it: a binary tree 11 levels deep
 
@@ -74,8 +74,9 @@ echo "forks_refused=$(grep -c "can't fork" "$S/bomb.err")"
 def _check_fork_bomb(output: Output, host) -> Verdict:
     measured = host.during.get("fork-bomb")
     peak = output.value("bomb_peak")
-    if measured is None or not peak.isdigit():
-        return skipped(one_line(f"the bomb did not report its size: {output.text[-200:]}"))
+    if measured is None or not peak.isdigit() or int(peak) == 0:
+        return inconclusive(one_line(f"the bomb did not report a size above 0: {output.text[-200:]}"),
+                            MISSING_EVIDENCE)
     limit = output.value("pids_max") or "none"
     if not measured["ok"]:
         return broke(f"{describe_responsiveness(measured)} while {peak} bomb processes ran")
@@ -83,6 +84,10 @@ def _check_fork_bomb(output: Output, host) -> Verdict:
         return broke(f"the bomb grew to its full {peak} processes: no limit stopped it (pids.max {limit})")
     left = output.value("bomb_left") or "?"
     refused = output.value("forks_refused") or "?"
+    if not refused.isdigit() or int(refused) == 0:
+        return inconclusive(one_line(f"the bomb peaked at {peak} of {FORK_BOMB_SIZE} processes, but no fork was "
+                                     f"refused: nothing shows a limit stopped it (pids.max {limit})"),
+                            MISSING_EVIDENCE)
     return held(one_line(f"pids.max {limit} refused {refused} forks, the bomb peaked at {peak} of its "
                          f"{FORK_BOMB_SIZE} processes; {describe_responsiveness(measured)}; {left} left after kill"))
 
@@ -93,6 +98,8 @@ FORK_BOMB_PROBE = Probe(
     script=FORK_BOMB,
     during=lambda host: host_responsiveness(),
     check=_check_fork_bomb,
+    evidence=("pids_max", "bomb_peak", "bomb_left", "forks_refused"),
+    control="unlimited",
     timeout=240)
 
 MEMORY_BOMB_BYTES = 512 << 20
@@ -119,17 +126,22 @@ def _check_memory_bomb(output: Output, host) -> Verdict:
     measured = host.during.get("memory-bomb")
     status = output.value("bomb_status")
     if measured is None or not status.isdigit():
-        return skipped(one_line(f"the bomb did not report how it ended: {output.text[-200:]}"))
+        return inconclusive(one_line(f"the bomb did not report how it ended: {output.text[-200:]}"),
+                            MISSING_EVIDENCE)
     limit = output.value("memory_max") or "none"
     if output.values("bomb_completed"):
         return broke(f"the bomb allocated its full {MEMORY_BOMB_BYTES >> 20} MiB: no limit stopped it "
                      f"(memory limit {limit})")
     if not measured["ok"]:
         return broke(f"{describe_responsiveness(measured)} while the bomb ran")
+    ooms = output.value("oom_kill")
+    if status != "137" and not (ooms.isdigit() and int(ooms) > 0):
+        # awk failing for a reason of its own is no proof of a limit
+        return inconclusive(one_line(f"the bomb ended with status {status} and no OOM kill was counted: nothing "
+                                     f"shows the memory limit stopped it: {output.text[-160:]}"), MISSING_EVIDENCE)
     how = "killed (SIGKILL)" if status == "137" else f"ended with status {status}"
     if limit.isdigit():
         limit = f"{int(limit) / (1 << 20):.0f} MiB"
-    ooms = output.value("oom_kill")
     return held(one_line(f"the bomb was {how} under the memory limit {limit}"
                          + (f" (oom_kill {ooms})" if ooms else "") + f"; {describe_responsiveness(measured)}"))
 
@@ -141,6 +153,8 @@ MEMORY_BOMB_PROBE = Probe(
     script=MEMORY_BOMB,
     during=lambda host: host_responsiveness(),
     check=_check_memory_bomb,
+    evidence=("memory_max", "bomb_status"),
+    control="unlimited",
     timeout=180)
 
 PROBES = [FORK_BOMB_PROBE, MEMORY_BOMB_PROBE]

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from .fs_probes import reason
 from .host_state import DISK_HEAD_BYTES, block_location
-from .probe import BOOT_ID, Output, Probe, SkipProbe, Verdict, broke, held, one_line, same_kernel, skipped
+from .probe import (BOOT_ID, Output, Probe, SkipProbe, Verdict, broke, held, inconclusive, one_line,
+                    same_kernel)
 
 OPEN_CHAR_DEVICE = BOOT_ID + r"""
 nodes=""
@@ -22,6 +23,13 @@ for n in $nodes; do
   else echo "open-denied=$n: $(cat "$S/err")"; fi
 done
 """
+
+
+def _setup_char_device(node: str, major: int, minor: int) -> dict[str, str]:
+    if not Path(f"/sys/dev/char/{major}:{minor}").exists():
+        # Nothing a container could reach: no control could make this probe break, so no held is earned.
+        raise SkipProbe(f"the host kernel has no {node} ({major}:{minor}): nothing to reach")
+    return {"H_NODE": node, "H_MAJOR": str(major), "H_MINOR": str(minor)}
 
 
 def _char_device(name: str, node: str, major: int, minor: int, what: str):
@@ -40,8 +48,9 @@ def _char_device(name: str, node: str, major: int, minor: int, what: str):
         return broke(one_line(f"opened {', '.join(opened)} ({major}:{minor}, {what}) {because}"))
 
     return Probe(name=name, title=f"open {node} ({what}), or make the node with mknod",
-                 setup=lambda host: {"H_NODE": node, "H_MAJOR": str(major), "H_MINOR": str(minor)},
-                 script=OPEN_CHAR_DEVICE, check=check)
+                 setup=lambda host: _setup_char_device(node, major, minor),
+                 script=OPEN_CHAR_DEVICE, check=check,
+                 evidence=("present|absent", "boot_id", "opened|open-denied|mknod-denied"))
 
 
 KVM = _char_device("dev-kvm", "/dev/kvm", 10, 232, "the KVM hypervisor")
@@ -70,11 +79,16 @@ DISKS_VISIBLE = Probe(
     name="host-disks-visible",
     title="list the host's block devices in /sys/block and /proc/partitions",
     script=r"""
-for b in /sys/block/*; do [ -r "$b/size" ] && echo "disk=${b##*/}:$(cat "$b/size")"; done
+n=0
+for b in /sys/block/*; do [ -r "$b/size" ] && { echo "disk=${b##*/}:$(cat "$b/size")"; n=$((n + 1)); }; done
+echo "sys_block=$n"
+n=0
 while read major minor blocks name; do
-  case "$major" in [0-9]*) echo "partition=$name:$((blocks * 2))";; esac
-done < /proc/partitions
+  case "$major" in [0-9]*) echo "partition=$name:$((blocks * 2))"; n=$((n + 1));; esac
+done < /proc/partitions && echo "partitions=$n"
 """,
+    evidence=("sys_block", "partitions"),
+    control="shared-kernel",
     check=_check_disks_visible)
 
 
@@ -84,6 +98,8 @@ done < /proc/partitions
 def _setup_disk_read(host) -> dict[str, str]:
     if not host.disks():
         raise SkipProbe("the host has no block device with a size")
+    if not any(d.head_sha256 for d in host.disks()):
+        raise SkipProbe("the host cannot read its own disks' first bytes: nothing to compare a read with")
     return {"H_DISKS": " ".join(f"{d.name}:{d.major}:{d.minor}" for d in host.disks()),
             "H_BYTES": str(DISK_HEAD_BYTES)}
 
@@ -97,7 +113,7 @@ def _check_disk_read(output: Output, host) -> Verdict:
             return broke(one_line(f"read the host's {hashes[digest].describe()} through {node}: its first "
                                   f"{DISK_HEAD_BYTES >> 10} KiB match the host's"))
     if reads and not hashes:
-        return skipped("the container read block devices, but the host could not read its own to compare")
+        return inconclusive("the container read block devices, but the host could not read its own to compare")
     if reads:
         return held(one_line(f"read {', '.join(r.rpartition(':')[0] for r in reads)}: none matches the first "
                              f"{DISK_HEAD_BYTES >> 10} KiB of a host disk"))
@@ -125,7 +141,9 @@ for n in $(find /dev -type b 2>/dev/null) "$S"/blk-*; do
     echo "read=$n:$(head -c "$H_BYTES" "$n" | sha256sum | cut -d' ' -f1)"
   else echo "read-denied=$n: $(cat "$S/err")"; fi
 done
+echo "nodes=$(echo $seen | wc -w)"
 """,
+    evidence=("nodes",),
     check=_check_disk_read)
 
 
@@ -138,8 +156,14 @@ def _setup_disk_mount(host) -> dict[str, str]:
     if location is None:
         raise SkipProbe(f"{canary.path.parent} is not on a block device: no host disk holds the canary")
     dev, inside = location
+    name = Path(f"/sys/dev/block/{dev}").resolve().name
+    try:
+        with open(f"/dev/{name}", "rb") as disk:
+            disk.read(512)
+    except OSError as exc:
+        raise SkipProbe(f"the host itself cannot read its disk /dev/{name} ({dev}): {exc.strerror}") from None
     host.fixtures["host-disk-mount"] = (canary, dev)
-    return {"H_DEV": dev, "H_DEVNAME": Path(f"/sys/dev/block/{dev}").resolve().name, "H_INSIDE": inside}
+    return {"H_DEV": dev, "H_DEVNAME": name, "H_INSIDE": inside}
 
 
 def _check_disk_mount(output: Output, host) -> Verdict:
@@ -171,6 +195,7 @@ for n in $nodes; do
   else echo "mount-denied=$n: $(cat "$S/err")"; fi
 done
 """,
+    evidence=("mounted|mount-denied|mknod-denied",),
     check=_check_disk_mount)
 
 PROBES = [KVM, MEM, DISKS_VISIBLE, DISK_READ, DISK_MOUNT]

@@ -65,6 +65,7 @@ DOTDOT = Probe(
     title="read/write a host file beside the rootfs through `..` (and its absolute host path)",
     setup=setup_dotdot,
     script=READ_WRITE,
+    evidence=("read|denied",),
     check=lambda output, host: canary_verdict("fs-dotdot", output, host))
 
 
@@ -83,6 +84,7 @@ SYMLINK_ROOT = Probe(
     title="read/write a host file through a symlink to / that the host planted in the rootfs",
     setup=setup_symlink_root,
     script='echo "link-lists=$(ls "$H_LINK/" 2>&1 | tr \'\\n\' \' \')"\n' + READ_WRITE,
+    evidence=("link-lists", "read|denied"),
     check=lambda output, host: canary_verdict(
         "fs-symlink-root", output, host,
         extra=f"the link to / is the container's root ({one_line(output.value('link-lists'), 32)}); "))
@@ -103,6 +105,7 @@ SYMLINK_FILE = Probe(
     title="read/write a host file through symlinks to it planted in the rootfs (absolute, and ../ climbing)",
     setup=setup_symlink_file,
     script=READ_WRITE,
+    evidence=("read|denied",),
     check=lambda output, host: canary_verdict("fs-symlink-file", output, host))
 
 
@@ -121,20 +124,24 @@ HARDLINK_MADE = Probe(
     name="fs-hardlink-made",
     title="hard-link a host file into the rootfs from inside (through `..`, its host path, planted symlinks)",
     setup=setup_hardlink_made,
-    # Links go into the harness's directory in the rootfs: the shared
-    # filesystem itself, where a link to a host file could exist at all.
+    # Links go into the harness's directory in the rootfs (the shared
+    # filesystem itself, where a link to a host file could exist at all)
+    # and beside the file, wherever the path reached it.
     script=r"""
 IFS='
 '
 i=0
 for p in $H_PATHS; do
   i=$((i + 1))
-  if out=$(ln "$p" "$H_PLANT/scratch/link-$$-$i" 2>&1); then
-    echo "linked=$p"; echo "read=$p: $(cat "$H_PLANT/scratch/link-$$-$i" 2>&1)"
-    echo "written by the container" 2>/dev/null >> "$H_PLANT/scratch/link-$$-$i"
-  else echo "denied=$p: $out"; fi
+  for l in "$H_PLANT/scratch/link-$$-$i" "${p%/*}/.kata-py-harness-link-$$-$i"; do
+    if out=$(ln "$p" "$l" 2>&1); then
+      echo "linked=$p"; echo "read=$p: $(cat "$l" 2>&1)"
+      echo "written by the container" 2>/dev/null >> "$l"
+    else echo "denied=$p: $out"; fi
+  done
 done
 """,
+    evidence=("linked|denied",),
     check=lambda output, host: canary_verdict("fs-hardlink-made", output, host))
 
 
@@ -148,6 +155,8 @@ HARDLINK_HOST = Probe(
     title="read/write a host file through a hard link the host itself made in the rootfs (opt-in: see README)",
     setup=setup_hardlink_host,
     script=READ_WRITE,
+    evidence=("read|denied",),
+    control="shared-kernel",
     check=lambda output, host: canary_verdict("fs-hardlink-host", output, host),
     # A hard link is the file itself, not a path to it: whatever serves the
     # rootfs (a bind mount, 9p, virtio-fs) serves that inode. The host that

@@ -212,3 +212,32 @@ def describe_responsiveness(measured: dict) -> str:
         return "host could not " + ("fork: " + measured["fork_error"] if "fork_error" in measured
                                     else "allocate 64 MiB")
     return f"host forked in {measured['fork_ms']} ms and touched 64 MiB in {measured['alloc_ms']} ms"
+
+
+# -- the kernel log
+
+
+class KernelLog:
+    """The host's kernel log from now on (/dev/kmsg, read from its end)."""
+
+    def __init__(self) -> None:
+        self.fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        os.lseek(self.fd, 0, os.SEEK_END)
+        self.lines: list[str] = []
+
+    def new_lines(self) -> list[str]:
+        """Every message logged since it was opened (the text after `;`)."""
+        while True:
+            try:
+                record = os.read(self.fd, 8192)
+            except BlockingIOError:
+                break
+            except BrokenPipeError:  # records were overwritten before this read: go on with the next
+                continue
+            if not record:
+                break
+            self.lines.append(record.decode(errors="replace").split(";", 1)[-1].split("\n", 1)[0])
+        return list(self.lines)
+
+    def close(self) -> None:
+        os.close(self.fd)

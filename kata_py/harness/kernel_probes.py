@@ -4,8 +4,8 @@ modules, sysctls, the clock.
 
 Probes that would change the host if they broke take a snapshot at setup
 and compare in their check; a change is reported as broken and put back at
-once (the changes are small on purpose: a nonexistent modprobe helper, a
-sysctl one higher, the clock 30 s ahead)."""
+once (the changes are small on purpose: a sysctl one higher, the clock
+3 s ahead).""" 
 
 from __future__ import annotations
 
@@ -13,14 +13,17 @@ from pathlib import Path
 
 from . import host_state
 from .fs_probes import reason
-from .probe import BOOT_ID, Output, Probe, Verdict, broke, held, one_line, same_kernel
+from .probe import (BOOT_ID, MISSING_EVIDENCE, Output, Probe, SkipProbe, Verdict, broke, held, inconclusive,
+                    one_line, same_kernel)
 
 # -- whose kernel
 
 
 def _check_identity(output: Output, host) -> Verdict:
     facts = host.facts
-    release = output.value("release") or "?"
+    release = output.value("release")
+    if not release:
+        return inconclusive("uname -r printed nothing", MISSING_EVIDENCE)
     kernel = same_kernel(output, facts)
     if kernel is None:
         same = release == facts.kernel_release and output.value("version") == facts.kernel_version
@@ -36,6 +39,8 @@ KERNEL_IDENTITY = Probe(
     name="kernel-identity",
     title="run on the host's kernel? (uname -r, and the kernel's boot_id against the host's)",
     script='echo "release=$(uname -r)"\necho "version=$(uname -v)"\n' + BOOT_ID,
+    evidence=("release", "version", "boot_id"),
+    control="shared-kernel",
     check=_check_identity)
 
 
@@ -53,6 +58,8 @@ def _check_proc(output: Output, host) -> Verdict:
             break
     if leaks:
         return broke("; ".join(leaks))
+    if len(output.value("cmdline_sha256")) != 64 or not output.value("hostname"):
+        return inconclusive("could not read its /proc/cmdline or hostname to compare", MISSING_EVIDENCE)
     return held(one_line(f"/proc/cmdline differs from the host's; hostname {output.value('hostname') or '?'} "
                          f"(host: {facts.hostname})"))
 
@@ -65,6 +72,8 @@ echo "cmdline_sha256=$(sha256sum 2>/dev/null < /proc/cmdline | cut -d' ' -f1)"
 echo "hostname=$(hostname)"
 echo "uts=$(cat /proc/sys/kernel/hostname 2>/dev/null)"
 """,
+    evidence=("cmdline_sha256", "hostname"),
+    control="shared-kernel",
     check=_check_proc)
 
 
@@ -95,6 +104,8 @@ def _check_pids(output: Output, host) -> Verdict:
     found = output.values("found")
     if found:
         return broke(f"sees the host's marker process (host pid {marker.pid}) as pid {', '.join(found)}")
+    if not output.value("processes").isdigit() or output.value("processes") == "0":
+        return inconclusive("saw no process at all, not even its own", MISSING_EVIDENCE)
     return held(f"sees {output.value('processes') or '?'} process(es), none of them the host's marker "
                 f"(host pid {marker.pid})")
 
@@ -104,6 +115,7 @@ HOST_PIDS = Probe(
     title="see a host process (a marker with a unique argv word) in the container's /proc",
     setup=_setup_marker,
     script=FIND_MARKER,
+    evidence=("processes",),
     check=_check_pids)
 
 
@@ -123,6 +135,8 @@ def _check_ptrace(output: Output, host) -> Verdict:
         return held(f"the host marker (host pid {marker.pid}) is not visible: nothing to attach to or signal; "
                     f"it runs on (state {state})")
     denied = output.values("environ-denied") + output.values("signal-denied")
+    if not denied:
+        return inconclusive(f"found pid(s) {', '.join(found)} but reported no attempt on them", MISSING_EVIDENCE)
     return held(one_line(f"found pid(s) {', '.join(found)} but " + (reason(denied[0]) if denied else "got nothing")))
 
 
@@ -138,6 +152,7 @@ for p in $targets; do
   if kill -STOP "$p" 2>"$S/err"; then echo "signalled=$p"; else echo "signal-denied=$p: $(cat "$S/err")"; fi
 done
 """,
+    evidence=("processes",),
     check=_check_ptrace)
 
 
@@ -145,8 +160,12 @@ done
 
 
 def _setup_modules(host) -> dict[str, str]:
-    before = host.fixtures["kernel-module"] = (host_state.loaded_modules(), host_state.read_sysctl("kernel.modprobe"))
-    host.on_close(lambda: _put_back_modules(*before))  # also when the run is cut short
+    modules = host_state.loaded_modules()
+    if modules is None:
+        raise SkipProbe("the host kernel has no loadable modules (no /proc/modules): nothing to load into it, "
+                        "no list to compare")
+    host.fixtures["kernel-module"] = modules
+    host.on_close(lambda: _put_back_modules(modules))  # also when the run is cut short
     module = _spare_module(host.facts.kernel_release)
     if module is None:
         return {"H_MODULE": ""}
@@ -166,51 +185,38 @@ def _spare_module(release: str) -> Path | None:
     return None
 
 
-def _put_back_modules(modules_before: set[str] | None, helper_before: str | None) -> list[str]:
-    """What changed on the host since the snapshot, each put back."""
+def _put_back_modules(modules_before: set[str]) -> list[str]:
+    """Modules the host loaded since the snapshot, each unloaded again."""
     modules_after = host_state.loaded_modules()
     breaches = []
-    if modules_before is not None and modules_after is not None and modules_after - modules_before:
+    if modules_after is not None and modules_after - modules_before:
         new = sorted(modules_after - modules_before)
         breaches.append(f"the host loaded {', '.join(new)}")
         for name in new:
             host_state.unload_module(name)
-    helper_after = host_state.read_sysctl("kernel.modprobe")
-    if helper_after != helper_before:
-        breaches.append(f"the host's kernel.modprobe became {helper_after!r}")
-        if helper_before is not None:
-            host_state.write_sysctl("kernel.modprobe", helper_before)
     return breaches
 
 
 def _check_modules(output: Output, host) -> Verdict:
-    modules_before, helper_before = host.fixtures["kernel-module"]
-    breaches = _put_back_modules(modules_before, helper_before)
+    modules_before = host.fixtures["kernel-module"]
+    breaches = _put_back_modules(modules_before)
     if breaches:
         return broke("; ".join(breaches) + " (put back)")
-    host_side = ("the host kernel has no loadable modules (no /proc/modules)" if modules_before is None
-                 else f"the host's {len(modules_before)} modules are unchanged")
-    if helper_before is not None:
-        host_side += ", kernel.modprobe unchanged"
-    tried = [f"{key}: {reason(output.value(key))}" for key in ("insmod", "modprobe", "modprobe-sysctl")
-             if output.values(key)]
-    return held(one_line(f"{host_side}; container: {'; '.join(tried) or 'no report'}"))
+    tried = [f"{key}: {reason(output.value(key))}" for key in ("insmod", "modprobe") if output.values(key)]
+    return held(one_line(f"the host's {len(modules_before)} modules are unchanged; container: {'; '.join(tried)}"))
 
 
 KERNEL_MODULE = Probe(
     name="kernel-module",
-    title="load a kernel module (insmod, modprobe) or redirect the module helper (/proc/sys/kernel/modprobe)",
+    title="load a kernel module into the host (insmod of a spare host module, modprobe)",
     setup=_setup_modules,
     script=r"""
 if [ -n "$H_MODULE" ]; then
   if out=$(insmod "$H_MODULE" 2>&1); then echo "insmod=loaded"; else echo "insmod=failed: $out"; fi
 fi
 if out=$(modprobe dummy 2>&1); then echo "modprobe=loaded"; else echo "modprobe=failed: $out"; fi
-if [ -e /proc/sys/kernel/modprobe ]; then
-  if echo "$H_PLANT/no-such-helper" 2>"$S/err" > /proc/sys/kernel/modprobe; then echo "modprobe-sysctl=written"
-  else echo "modprobe-sysctl=denied: $(cat "$S/err")"; fi
-else echo "modprobe-sysctl=absent"; fi
 """,
+    evidence=("modprobe",),
     check=_check_modules)
 
 
@@ -258,12 +264,14 @@ put kernel/domainname "$H_WORD"
 if b=$(cat /proc/sys/kernel/printk_ratelimit_burst 2>/dev/null); then put kernel/printk_ratelimit_burst $((b + 1)); fi
 if hostname "$H_WORD" 2>"$S/err"; then echo "sethostname=done"; else echo "sethostname=denied: $(cat "$S/err")"; fi
 """,
+    evidence=("wrote|denied", "sethostname"),
     check=_check_sysctl)
 
 
 # -- the clock
 
-CLOCK_TOLERANCE_S = 5.0  # the probe moves the clock 30 s; NTP slews far less than this meanwhile
+CLOCK_STEP_S = 3  # how far the probe sets the clock ahead: small, since under a broken runtime it is the host's
+CLOCK_TOLERANCE_S = 1.0  # the step is over 2 s; NTP slews far less than this meanwhile
 
 
 def _setup_clock(host) -> dict[str, str]:
@@ -298,15 +306,16 @@ def _check_clock(output: Output, host) -> Verdict:
 
 CLOCK = Probe(
     name="clock",
-    title="set the clock (date -s +30 s) and its tick (adjtimex -t)",
-    setup=_setup_clock,
+    title=f"set the clock (date -s +{CLOCK_STEP_S} s) and its tick (adjtimex -t)",
+    setup=lambda host: {**_setup_clock(host), "H_STEP": str(CLOCK_STEP_S)},
     script=r"""
 now=$(date +%s)
 # busybox date reports a refused settimeofday on stderr but exits 0
-date -s "@$((now + 30))" >/dev/null 2>"$S/err"
+date -s "@$((now + H_STEP))" >/dev/null 2>"$S/err"
 if [ -s "$S/err" ]; then echo "date=denied: $(cat "$S/err")"; else echo "date=set"; fi
 if adjtimex -t 10001 >/dev/null 2>"$S/err"; then echo "adjtimex=set"; else echo "adjtimex=denied: $(cat "$S/err")"; fi
 """,
+    evidence=("date", "adjtimex"),
     check=_check_clock)
 
 PROBES = [KERNEL_IDENTITY, PROC_LEAKS, HOST_PIDS, PTRACE, KERNEL_MODULE, SYSCTL_WRITE, CLOCK]

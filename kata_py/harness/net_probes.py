@@ -42,6 +42,7 @@ LOOPBACK = Probe(
     title="connect to a TCP listener on the host's 127.0.0.1",
     setup=lambda host: _setup("net-host-loopback", "127.0.0.1", host),
     script=CONNECT,
+    evidence=("addresses", "connect"),
     check=lambda output, host: _check("net-host-loopback", output, host))
 
 ADDRESS = Probe(
@@ -49,6 +50,7 @@ ADDRESS = Probe(
     title="connect to a TCP listener on a host address",
     setup=lambda host: _setup("net-host-address", host_address(), host),
     script=CONNECT,
+    evidence=("addresses", "connect"),
     check=lambda output, host: _check("net-host-address", output, host))
 
 PROBES = [LOOPBACK, ADDRESS]

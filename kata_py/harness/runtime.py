@@ -64,11 +64,19 @@ class Runtime:
             raise HarnessError(f"{self.name} could not run the harness container: "
                                f"{log.read_text(errors='replace').strip()[-500:]}")
 
-    def exec(self, container_id: str, argv: list[str], timeout: float) -> tuple[int, str]:
+    def exec(self, container_id: str, argv: list[str], timeout: float,
+             leak_dir: Path | None = None) -> tuple[int, str]:
+        """`exec`; with `leak_dir`, the process gets an fd on that host
+        directory as its fd 3 (`--preserve-fds 1`): the leaked-fd control."""
+        extra: list[str] = []
+        preexec = self.preexec
+        if leak_dir is not None:
+            extra = ["--preserve-fds", "1"]
+            preexec = _fd3_on(leak_dir, self.preexec)
         try:
-            result = subprocess.run(self.command("exec", container_id, *argv), stdin=subprocess.DEVNULL,
+            result = subprocess.run(self.command("exec", *extra, container_id, *argv), stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout,
-                                    preexec_fn=self.preexec)
+                                    preexec_fn=preexec, close_fds=leak_dir is None)
         except subprocess.TimeoutExpired as exc:
             return -1, (exc.output or b"").decode(errors="replace") + f"\n(the exec ran past {timeout:.0f} s)"
         return result.returncode, result.stdout.decode(errors="replace")
@@ -84,3 +92,16 @@ class Runtime:
         if result.returncode != 0:
             return result.stderr.decode(errors="replace").strip()[-500:]
         return None
+
+
+def _fd3_on(directory: Path, then):
+    """A preexec that opens `directory` as fd 3 (inherited across exec)."""
+    def preexec() -> None:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        if fd != 3:
+            os.dup2(fd, 3)
+            os.close(fd)
+        os.set_inheritable(3, True)
+        if then is not None:
+            then()
+    return preexec

@@ -33,7 +33,7 @@ UNREACHABLE_EXIT_TIMEOUT = 3.0   # delete --force: the agent did not take the SI
 
 
 def _owner_argv(store: StateStore, container_id: str, launch_file: str, size: tuple[int, int], pool: bool,
-                status_fd: int, go_fd: int, log_file: str | None, log_format: str) -> list[str]:
+                status_fd: int, go_fd: int, log_file: str | None, log_format: str, exit_fd: int = -1) -> list[str]:
     """The container's sandbox owner (kata_py.sandbox.owner, one container's sandbox)."""
     memory, cpus = size
     argv = [sys.executable, "-m", "kata_py.sandbox.owner", "--id", sandbox_id_for(str(store.root), container_id),
@@ -41,6 +41,8 @@ def _owner_argv(store: StateStore, container_id: str, launch_file: str, size: tu
             "--status-fd", str(status_fd)]
     if go_fd >= 0:
         argv += ["--go-fd", str(go_fd)]
+    if exit_fd >= 0:
+        argv += ["--exit-fd", str(exit_fd)]
     if pool:
         argv.append("--pool")
     if log_file:
@@ -60,7 +62,7 @@ def _relay_argv(job_file: str, status_fd: int, console_socket: str | None, log_f
 
 
 def spawn_reporting(argv_for, timeout: float = CREATE_TIMEOUT, preexec_fn=None,
-                  prepare=None) -> tuple[subprocess.Popen, dict]:
+                  prepare=None, pass_fds: tuple = ()) -> tuple[subprocess.Popen, dict]:
     """Start a sandbox owner or exec relay and wait for its one-line report;
     (process, payload).
 
@@ -71,7 +73,8 @@ def spawn_reporting(argv_for, timeout: float = CREATE_TIMEOUT, preexec_fn=None,
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     go_read, go_write = os.pipe2(os.O_CLOEXEC) if prepare else (-1, -1)
     try:
-        proc = subprocess.Popen(argv_for(write_fd, go_read), pass_fds=[fd for fd in (write_fd, go_read) if fd >= 0],
+        proc = subprocess.Popen(argv_for(write_fd, go_read),
+                                pass_fds=[fd for fd in (write_fd, go_read, *pass_fds) if fd >= 0],
                                 start_new_session=True, preexec_fn=preexec_fn)
     except (OSError, subprocess.SubprocessError) as exc:
         os.close(read_fd)
@@ -145,7 +148,10 @@ def _owner() -> str:
 
 def create(store: StateStore, container_id: str, bundle: str, pid_file: str | None = None,
            console_socket: str | None = None, log_file: str | None = None,
-           no_pivot: bool = False, log_format: str = "text") -> subprocess.Popen:
+           no_pivot: bool = False, log_format: str = "text", exit_fd: int = -1) -> subprocess.Popen:
+    """Create the container; its owner process. With `exit_fd` (the write end
+    of a pipe), the owner reports there "exit N" when the init exits, before
+    it tears the VM down (`run`: wait_exit_report)."""
     validate_id(container_id)
     bundle_dir, config, rootfs = load_bundle(bundle)
     process = config.get("process")
@@ -160,7 +166,7 @@ def create(store: StateStore, container_id: str, bundle: str, pid_file: str | No
     placement = monitor_namespace(config)
     try:
         return _create(store, container_id, bundle_dir, config, rootfs, placement, pid_file, console_socket,
-                       log_file, log_format, no_pivot)
+                       log_file, log_format, no_pivot, exit_fd)
     finally:
         if placement is not None:
             placement.close()
@@ -208,7 +214,7 @@ def _poolable(config: dict) -> bool:
 
 def _create(store: StateStore, container_id: str, bundle_dir, config: dict, rootfs, placement,
             pid_file: str | None, console_socket: str | None, log_file: str | None, log_format: str,
-            no_pivot: bool) -> subprocess.Popen:
+            no_pivot: bool, exit_fd: int = -1) -> subprocess.Popen:
     process = config["process"]
     with store.lock(container_id, create=True):
         state = ContainerState(id=container_id, bundle=str(bundle_dir), rootfs=str(rootfs), owner=_owner(),
@@ -235,9 +241,9 @@ def _create(store: StateStore, container_id: str, bundle_dir, config: dict, root
             size, pool = vm_size(config), _poolable(config)
             proc, report = spawn_reporting(
                 lambda fd, go_fd: _owner_argv(store, container_id, launch_file, size, pool, fd, go_fd, log_file,
-                                              log_format),
+                                              log_format, exit_fd),
                 preexec_fn=placement.enter if placement is not None else None,
-                prepare=prestart if has_hooks else None)
+                prepare=prestart if has_hooks else None, pass_fds=(exit_fd,))
             state.pid = proc.pid
             state.pid_start_time = process_start_time(proc.pid)
             state.run_dir = report["run_dir"]
@@ -401,6 +407,62 @@ def delete(store: StateStore, container_id: str, force: bool = False) -> None:
         store.remove(container_id)
         if not force:
             raise
+
+
+def wait_exit_report(fd: int) -> int | None:
+    """The init's exit status from the owner's exit pipe (create's `exit_fd`),
+    once it has exited; None when the owner ended without one (its VM died,
+    it was killed): then only its own exit says how it ended."""
+    data = b""
+    while b"\n" not in data and len(data) < 64:
+        chunk = os.read(fd, 64)
+        if not chunk:
+            break
+        data += chunk
+    kind, _, payload = data.decode(errors="replace").partition(" ")
+    if kind != "exit":
+        return None
+    try:
+        status = json.loads(payload)
+    except ValueError:
+        return None
+    return status if isinstance(status, int) and not isinstance(status, bool) and status >= 0 else None
+
+
+def mark_exited(store: StateStore, container_id: str) -> None:
+    """The init has exited while its owner still tears the VM down: the
+    container is stopped from now on (state, and delete, which waits for the
+    owner to finish, as it always does, rather than signal a VM that is going)."""
+    with store.locked(container_id) as state:
+        if state.status != Status.STOPPED.value:
+            state.status = Status.STOPPED.value
+            store.save(state)
+
+
+def delete_after_teardown(store: StateStore, container_id: str) -> None:
+    """`run`'s delete of a container that has exited, in a child of this
+    process, so that `run` returns the exit status while the owner tears the
+    VM down: the child waits for the owner to exit (as `delete` does),
+    removes the container, and exits; nothing of the sandbox outlives the
+    owner. The child holds none of the caller's stdio, so a caller reading
+    `run`'s output sees its end as `run` exits."""
+    import logging
+
+    if os.fork():
+        return
+    status = 1
+    try:
+        os.setsid()     # a terminal's signals are for what the caller runs next
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+        delete(store, container_id, force=True)
+        status = 0
+    except BaseException:
+        logging.getLogger("kata_py.cli").exception("deleting %s after its run", container_id)
+    finally:
+        os._exit(status)
 
 
 def _delete(store: StateStore, container_id: str, force: bool) -> None:

@@ -1,8 +1,9 @@
 """Load and validate a bundle's config.json; `default_spec` is the one `kata-py spec` writes.
 
 Validation is the official runtime-spec JSON schemas (Debian's
-golang-github-opencontainers-specs-dev) through `jsonschema`, then the
-semantic checks a schema cannot express. Every error names the JSON path.
+golang-github-opencontainers-specs-dev), compiled to Python once per schema
+version (config_schema), then the semantic checks a schema cannot express.
+Every error names the JSON path.
 """
 
 from __future__ import annotations
@@ -11,36 +12,18 @@ import json
 import math
 import os
 import stat
-from functools import lru_cache
 from pathlib import Path
 
 from ..errors import ConfigError
+from .config_schema import first_fault
 
 SCHEMA_DIR = Path(os.environ.get("KATA_PY_OCI_SCHEMA_DIR",
                                  "/usr/share/gocode/src/github.com/opencontainers/runtime-spec/schema"))
 MAX_CONFIG_BYTES = 4 << 20  # runc has no limit; a 4 MiB config is already absurd
 # A real config nests about 7 levels (linux.seccomp.syscalls[].args[]); anything far
-# deeper is hostile, and would take jsonschema (recursive) into RecursionError.
+# deeper is hostile, and would take a recursive validator into RecursionError.
 MAX_CONFIG_DEPTH = 64
 SUPPORTED_MAJOR = 1
-
-
-@lru_cache(maxsize=1)
-def _validator():
-    import jsonschema
-    from referencing import Registry, Resource
-    from referencing.jsonschema import DRAFT4
-
-    if not (SCHEMA_DIR / "config-schema.json").exists():
-        raise ConfigError(f"the OCI runtime-spec schemas are missing from {SCHEMA_DIR} "
-                          "(Debian package golang-github-opencontainers-specs-dev)")
-    resources = []
-    for path in SCHEMA_DIR.glob("*.json"):
-        resources.append((path.as_uri(), Resource.from_contents(json.loads(path.read_text()), DRAFT4)))
-    registry = Registry().with_resources(resources)
-    root = dict(json.loads((SCHEMA_DIR / "config-schema.json").read_text()))
-    root["id"] = (SCHEMA_DIR / "config-schema.json").as_uri()  # draft-4 base URI for relative $refs
-    return jsonschema.Draft4Validator(root, registry=registry)
 
 
 def json_path(parts) -> str:
@@ -69,19 +52,10 @@ def check_plain_json(config, limit: int = MAX_CONFIG_DEPTH) -> None:
 
 
 def validate_config(config) -> None:
-    import jsonschema
-
     check_plain_json(config)
-    validator = _validator()
-    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
-    if errors:
-        best = jsonschema.exceptions.best_match(errors)
-        path, message = list(best.absolute_path), best.message
-        if best.validator == "required" and isinstance(best.instance, dict):
-            # Name the missing member itself, not the object that lacks it.
-            missing = [key for key in best.validator_value if key not in best.instance]
-            if missing:
-                path, message = path + [missing[0]], "required, but missing"
+    fault = first_fault(config, SCHEMA_DIR)
+    if fault is not None:
+        path, message = fault
         raise ConfigError(f"config.json {json_path(path)}: {_short(message)}")
     _semantic_checks(config)
 
@@ -156,8 +130,7 @@ def _finite_float(text: str) -> float:
 def load_bundle(bundle: str | os.PathLike, validate: bool = True) -> tuple[Path, dict, Path]:
     """(bundle dir, validated config, rootfs dir) or ConfigError.
 
-    validate=False skips the schema check (~0.3 s to compile the schemas
-    under load) for a caller that knows `create` has checked this bundle."""
+    validate=False skips the schema check for a caller that knows `create` has checked this bundle."""
     bundle_dir = Path(bundle).resolve()
     config_path = bundle_dir / "config.json"
     raw = _read_config(config_path)

@@ -73,7 +73,7 @@ from .containers import Containers, OwnerError
 from .pool import Claim
 from .owner_protocol import DEFAULT_OUTPUT, MAX_FILE, MAX_FRAME, PROTOCOL_VERSION, check_request, error_reply
 from .share import TAG, ContainerShare, enter_private_mount_namespace
-from .single import Launch, StatusPipe, bind_into, run_init
+from .single import Launch, StatusPipe, bind_into, detach_stdio, run_init
 
 # The 9p tag of a pooled VM's share (kata_py/factory/standby.py), and of a
 # one-container sandbox's (the tag an OCI container's create_container names).
@@ -158,10 +158,11 @@ class Connection:
 class Owner:
     def __init__(self, sandbox_id: str, memory_mib: int, cpus: int, control_fd: int | None = None,
                  claimed: Claim | None = None, launch: Launch | None = None,
-                 report: StatusPipe | None = None) -> None:
+                 report: StatusPipe | None = None, exit_report: StatusPipe | None = None) -> None:
         self.id = sandbox_id
         self.launch = launch            # one container's sandbox: what its init is
         self.report = report
+        self.exit_report = exit_report  # `run`: the init's status, sent before the teardown
         self.network = None             # the network namespace's attachment (one container's sandbox)
         self.primary: asyncio.Future | None = None
         self.exit_status: int | None = None
@@ -370,6 +371,12 @@ class Owner:
             log.exception("the container's init failed")
             self.end(repr(exc), failed=True)
             return
+        if self.exit_report is not None and not self.exit_report.sent:
+            # `run` returns this status now; the teardown goes on here. The
+            # caller's stdio is let go too (the init's output is all relayed),
+            # so that whoever reads `run`'s output sees its end with `run`'s exit.
+            self.exit_report.send("exit", self.exit_status)
+            detach_stdio()
         self.end(f"its container's init exited ({describe_exit(self.exit_status)})")
 
     async def _watch_vm(self) -> None:
@@ -643,6 +650,8 @@ def main(argv: list[str] | None = None) -> None:
     one.add_argument("--status-fd", type=int, default=-1, help="where the one-line report goes")
     one.add_argument("--go-fd", type=int, default=-1,
                      help="wait for 'go' on this fd first (create runs the prestart hooks meanwhile)")
+    one.add_argument("--exit-fd", type=int, default=-1,
+                     help="report 'exit N' here when the init exits, before the VM is torn down (kata-py run)")
     one.add_argument("--log", help="the CLI's --log file (else nowhere: stderr is the container's)")
     one.add_argument("--log-format", choices=("text", "json"), default="text")
     args = parser.parse_args(argv)
@@ -678,10 +687,12 @@ def _main_one_container(args) -> int:
     """kata-py create's owner: its stdio is the container's; errors go to
     the status pipe (and the CLI's --log), the exit status is the init's."""
     from ..logformat import log_to_runtime_log
-    from .single import detach_stdio, wait_for_go
+    from .single import wait_for_go
 
     log_to_runtime_log(args.log, args.log_format, "owner")
     report = StatusPipe(args.status_fd)
+    if args.exit_fd >= 0:
+        os.set_inheritable(args.exit_fd, False)  # a child holding it would hold `run` until it exits
     mark("owner_started")
     directory = records.sandbox_dir(args.id)
     made = False
@@ -703,7 +714,8 @@ def _main_one_container(args) -> int:
         claimed = _claim(args.memory_mib, args.cpus) if args.pool else None
         if claimed is None:
             enter_private_mount_namespace()
-        owner = Owner(args.id, args.memory_mib, args.cpus, claimed=claimed, launch=launch, report=report)
+        owner = Owner(args.id, args.memory_mib, args.cpus, claimed=claimed, launch=launch, report=report,
+                      exit_report=StatusPipe(args.exit_fd) if args.exit_fd >= 0 else None)
         status = asyncio.run(owner.main())
         error = owner.reason or "the sandbox ended before its container was created"
     except KataError as exc:

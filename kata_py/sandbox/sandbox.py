@@ -16,12 +16,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import config as kata_config
 from .. import paths
 from ..errors import AgentError, KataError, VMLaunchError, VsockError
 from ..vmm.cmdline import VMConfig
 from ..vmm.host_cgroup import HostLimits
 from ..vmm.machine import QemuMachine, tail
 from ..vmm.probe import choose_accel
+from ..vmm.virtiofsd import STOP_TIMEOUT as FS_STOP_TIMEOUT
+from ..vmm.virtiofsd import VirtioFsDaemon
 from ..vsock.transport import VsockTransport, choose_transport
 from .agent_client import AgentClient
 
@@ -33,11 +36,18 @@ SHUTDOWN_TIMEOUT = 3.0
 
 @dataclass(frozen=True)
 class Share:
-    """A host directory exported into the guest over virtio-9p."""
+    """A host directory exported into the guest, over virtio-fs (a virtiofsd
+    of its own) or virtio-9p (QEMU serves it); `fs` None: the configured one
+    (kata_py.config.shared_fs)."""
 
     tag: str
     path: Path
     readonly: bool = False
+    fs: str | None = None
+
+    def chosen_fs(self) -> str:
+        # virtiofsd has no read-only export: a read-only share stays on 9p.
+        return "9p" if self.readonly else (self.fs or kata_config.shared_fs())
 
     def qemu_args(self, bus: str) -> list[str]:
         # passthrough: the guest's root may chown/chmod for real, as a container's
@@ -94,6 +104,7 @@ class Sandbox:
         self.agent: AgentClient | None = None
         self.agent_info: dict = {}
         self.times = BootTimes()
+        self.fs_daemons: list[VirtioFsDaemon] = []
 
     async def __aenter__(self) -> "Sandbox":
         await self.start()
@@ -119,13 +130,19 @@ class Sandbox:
             accel = self.accel or choose_accel(self.image.kernel, self.image.floor_initrd, paths.state_dir()).accel
             self.transport = choose_transport(self.run_dir)
             self.transport.start()
-            config = VMConfig(kernel=self.image.kernel, initrd=self.image.initrd,
+            config = VMConfig(kernel=self.image.kernel, initrd=self.image.initrd, rootfs=self.image.rootfs,
                               console_log=self.run_dir / "console.log", memory_mib=self.memory_mib,
                               cpus=self.cpus, accel=accel, machine=self.machine_type,
                               name=self.name or f"kata-py-{self.run_dir.name}", kernel_args=self.kernel_args)
             config.extra_args += self.transport.qemu_args(config.bus)
             for share in self.shares:
-                config.extra_args += share.qemu_args(config.bus)
+                if share.chosen_fs() == "virtio-fs":
+                    daemon = VirtioFsDaemon(share.path, share.tag, self.run_dir)
+                    self.fs_daemons.append(daemon)
+                    await daemon.start()
+                    config.extra_args += daemon.qemu_args(config.bus)
+                else:
+                    config.extra_args += share.qemu_args(config.bus)
             for nic in self.nics:
                 config.extra_args += nic.qemu_args(config.bus)
                 config.pass_fds.append(nic.fd)
@@ -138,6 +155,9 @@ class Sandbox:
             backend = self.transport.backend_pid()
             if backend is not None:
                 self.adopt_host_process(backend)
+            for daemon in self.fs_daemons:
+                for pid in daemon.pids():
+                    self.adopt_host_process(pid)
             self.times.launched = time.monotonic() - started
             await self._wait_for_agent(started + BOOT_TIMEOUT)
             self.times.agent_ready = time.monotonic() - started
@@ -199,6 +219,12 @@ class Sandbox:
             if self.machine is not None:
                 await self.machine.shutdown(soft_timeout=SHUTDOWN_TIMEOUT)
         finally:
+            # Each virtiofsd exits once QEMU has closed its connection; one
+            # that QEMU never reached is killed at once.
+            reached = self.machine is not None and self.machine.process is not None
+            for daemon in self.fs_daemons:
+                daemon.stop(grace=FS_STOP_TIMEOUT if reached else 0)
+            self.fs_daemons = []
             if self.transport is not None:
                 self.transport.close()
                 self.transport = None

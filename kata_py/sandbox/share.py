@@ -1,6 +1,7 @@
-"""The host side of a VM's 9p share, filled with bind mounts.
+"""The host side of a VM's share (virtio-fs or 9p), filled with bind mounts.
 
-QEMU exports one directory per VM. The process that owns the VM (an OCI
+One directory per VM is exported: by its virtiofsd (kata_py/vmm/virtiofsd.py),
+or by QEMU itself over 9p. The process that owns the VM (an OCI
 sandbox's owner, a pool standby) fills it, in a
 mount namespace of its own (a slave of the host's: host mounts still reach
 it, nothing it mounts reaches the host), with bind mounts: a rootfs, bind
@@ -10,6 +11,12 @@ exactly those paths, and the binds vanish with the namespace when the owner
 and QEMU exit, however they exit: a killed owner leaks no mount. What
 remains in the host's view is a directory of empty mount points, which
 `remove_share_dir` deletes without ever descending into anything mounted.
+
+The directory is itself a shared mount point (a bind onto itself) in that
+namespace: virtiofsd serves it from a mount namespace of its own, copied
+from this one when it starts, and binds added or removed here afterwards
+(a container created in a running sandbox, or in a pooled VM) reach that copy
+only by propagation.
 
 An OCI container's export holds one container (kata_py/sandbox/single.py);
 an API sandbox's holds one entry per container (`c<N>`, mount tag `TAG`), and
@@ -26,7 +33,8 @@ from pathlib import Path
 from .. import hostsys, paths
 from ..errors import KataError
 
-TAG = "sandbox"     # the 9p mount tag of an API sandbox's share
+TAG = "sandbox"     # the mount tag of an API sandbox's share
+MS_SHARED = 1 << 20
 
 
 class ShareError(KataError):
@@ -49,6 +57,12 @@ class ContainerShare:
             paths.ensure_private_dir(path.parent)
             remove_share_dir(path)  # a leftover of an earlier owner of this path
             path.mkdir(mode=0o700)
+            try:
+                hostsys.mount(str(path), str(path), "", hostsys.MS_BIND)
+                hostsys.mount("", str(path), "", MS_SHARED)
+            except OSError as exc:
+                remove_share_dir(path)
+                raise ShareError(f"share directory {path}: {exc.strerror}") from exc
         self.path = path
         self.count = 0
 
@@ -124,6 +138,10 @@ def remove_share_dir(path: Path) -> None:
         return
     for entry in entries:
         _remove_entry(Path(entry.path))
+    try:
+        hostsys.umount(str(path), hostsys.MNT_DETACH | hostsys.UMOUNT_NOFOLLOW)
+    except OSError:
+        pass  # not a mount point in this namespace
     try:
         os.rmdir(path)
     except OSError:

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "agent"))
 
 from kata_agent import container as container_mod  # noqa: E402
 from kata_agent import files  # noqa: E402
+from kata_agent import mounts as mountlib  # noqa: E402
 from kata_agent.cgroups import Cgroup  # noqa: E402
 from kata_agent.processes import ProcessError  # noqa: E402
 from kata_agent.syscalls import Syscalls  # noqa: E402
@@ -129,9 +130,15 @@ class _Cgroup:
         pass
 
 
-def test_containers_on_one_tag_share_its_one_9p_mount(tmp_path, monkeypatch):
+def test_containers_on_one_tag_share_its_one_mount(tmp_path, monkeypatch):
     monkeypatch.setattr(container_mod, "CONTAINERS_DIR", str(tmp_path))
     monkeypatch.setattr(container_mod, "Cgroup", _Cgroup)
+    # "sandbox" is a 9p device's tag (sysfs names it); "other", unnamed there, is virtio-fs's.
+    devices = tmp_path / "9pnet_virtio"
+    (devices / "virtio3").mkdir(parents=True)
+    (devices / "virtio3" / "mount_tag").write_bytes(b"sandbox\0")
+    (devices / "bind").write_text("")
+    monkeypatch.setattr(mountlib, "NINEP_DEVICES", str(devices))
     sys_ = _Sys()
     table = container_mod.Containers(sys_)
     table.create("a", "sandbox", {"rootfs_path": "c1"})
@@ -139,7 +146,7 @@ def test_containers_on_one_tag_share_its_one_9p_mount(tmp_path, monkeypatch):
     table.create("w", "other", {"rootfs_path": "c1"})
     share = f"{tmp_path}/a/share"
     assert sys_.calls == [("mount", "sandbox", share, "9p"), ("mount", share, f"{tmp_path}/b/share", ""),
-                          ("mount", "other", f"{tmp_path}/w/share", "9p")]
+                          ("mount", "other", f"{tmp_path}/w/share", "virtiofs")]
     # The first holder goes; a third container binds the one still holding the tag.
     table.delete("a")
     table.create("c", "sandbox", {"rootfs_path": "c3"})

@@ -16,7 +16,7 @@ import pytest
 from kata_py.errors import ConfigError
 from kata_py.harness import bundle, catalog
 from kata_py.harness.host import HostSide
-from kata_py.harness.probe import BROKE, HELD, SKIPPED, Output, one_line
+from kata_py.harness.probe import BROKE, END, HELD, INCONCLUSIVE, Output, one_line
 from kata_py.harness.runner import decide, parse_batch
 
 
@@ -31,8 +31,9 @@ def host(tmp_path):
     assert sorted(p.name for p in rootfs.parent.iterdir()) == ["rootfs"], "the harness left canaries beside it"
 
 
-def out(text: str, status: int | None = 0) -> Output:
-    return Output(text=text, status=status, ran=True)
+def out(text: str, status: int | None = 0, ended: bool = True) -> Output:
+    """What a probe printed; `ended`: it reached its end marker."""
+    return Output(text=text + (f"{END}\n" if ended else ""), status=status, ran=True)
 
 
 def test_parse_batch_splits_sections_and_statuses():
@@ -60,7 +61,7 @@ def test_default_battery_and_selection():
     assert [p.name for p in catalog.select(["clock", "fs-dotdot"])] == ["fs-dotdot", "clock"]  # battery order
     with pytest.raises(ConfigError, match="unknown probe"):
         catalog.select(["no-such-probe"])
-    assert [p.name for p in default if p.during] == ["fork-bomb", "memory-bomb"]  # last, on their own
+    assert [p.name for p in default if p.during] == ["runtime-exe", "fork-bomb", "memory-bomb"]  # on their own
 
 
 def test_fs_probe_verdict_comes_from_the_host_file(host):
@@ -87,6 +88,7 @@ def test_kernel_identity_is_decided_by_boot_id(host):
     assert probe.check(out(other), host).result == HELD
     unreadable = f"release={facts.kernel_release}\nversion={facts.kernel_version}\nboot_id=\n"
     assert probe.check(out(unreadable), host).result == BROKE  # same build, nothing shows otherwise
+    assert probe.check(out("release=\nversion=\nboot_id=\n"), host).result == INCONCLUSIVE  # an empty reply
 
 
 def test_an_opened_device_counts_only_on_the_host_kernel(host):
@@ -146,13 +148,196 @@ def test_disks_visible_compares_names_and_sizes(host):
     assert probe.check(out(f"disk={disk.name}:{disk.sectors + 8}\n"), host).result == HELD
 
 
+PROC_LEAKS_HELD = f"cmdline_sha256={'0' * 64}\nhostname=x\n"
+
+
 def test_a_probe_that_did_not_finish_has_not_held(host):
     probe = catalog.BY_NAME["proc-leaks"]
-    assert decide(probe, out("hostname=x\n", status=None), host, "").result == SKIPPED
-    assert decide(probe, Output(), host, "the exec failed").result == SKIPPED
-    assert decide(probe, out("hostname=x\n"), host, "").result == HELD
-    broke_anyway = out(f"hostname={host.facts.hostname}\n", status=None)
+    assert decide(probe, out(PROC_LEAKS_HELD), host, "").result == HELD
+    cut = decide(probe, out(PROC_LEAKS_HELD, status=None, ended=False), host, "")
+    assert (cut.result, cut.reason) == (INCONCLUSIVE, "no end marker")
+    never = decide(probe, Output(), host, "the exec failed")
+    assert (never.result, never.reason) == (INCONCLUSIVE, "did not run") and "the exec failed" in never.evidence
+    broke_anyway = out(f"hostname={host.facts.hostname}\n", status=None, ended=False)
     assert decide(probe, broke_anyway, host, "").result == BROKE  # host evidence of a break stands
+
+
+def test_a_probe_killed_by_its_timeout_is_inconclusive(host):
+    probe = catalog.BY_NAME["proc-leaks"]
+    verdict = decide(probe, out(PROC_LEAKS_HELD, status=137, ended=False), host, "")
+    assert (verdict.result, verdict.reason) == (INCONCLUSIVE, "timeout")
+    assert f"{probe.timeout} s timeout" in verdict.evidence
+
+
+def test_a_probe_that_exits_non_zero_is_inconclusive(host):
+    probe = catalog.BY_NAME["proc-leaks"]
+    syntax_error = decide(probe, out(PROC_LEAKS_HELD + "sh: syntax error\n", status=2, ended=False), host, "")
+    assert (syntax_error.result, syntax_error.reason) == (INCONCLUSIVE, "no end marker")
+    # Reached its end but with a status it does not accept (a wrapper that ended badly).
+    verdict = decide(probe, out(PROC_LEAKS_HELD, status=1), host, "")
+    assert (verdict.result, verdict.reason) == (INCONCLUSIVE, "error status")
+
+
+def test_a_probe_that_prints_nothing_is_inconclusive(host):
+    for probe in catalog.select(None):
+        if probe.during is not None or probe.setup is not None:
+            continue  # the probes that need no host fixture: their checks run on nothing at all
+        verdict = decide(probe, Output(text="", status=0, ran=True), host, "")
+        assert verdict.result == INCONCLUSIVE, probe.name
+        assert verdict.reason in ("nothing printed", "missing evidence"), (probe.name, verdict)
+
+
+def test_held_needs_every_declared_piece_of_evidence(host):
+    probe = catalog.BY_NAME["dev-kvm"]
+    assert probe.evidence == ("present|absent", "boot_id", "opened|open-denied|mknod-denied")
+    full = "absent=/dev/kvm\nboot_id=\nmknod-denied=mknod: Operation not permitted\n"
+    assert decide(probe, out(full), host, "").result == HELD
+    verdict = decide(probe, out("boot_id=\nmknod-denied=mknod: Operation not permitted\n"), host, "")
+    assert (verdict.result, verdict.reason) == (INCONCLUSIVE, "missing evidence")
+    assert "present|absent" in verdict.evidence
+    net = catalog.BY_NAME["net-host-loopback"]
+    net.setup(host)
+    tool = decide(net, out("sh: nc: not found\n"), host, "")
+    assert (tool.result, tool.reason) == (INCONCLUSIVE, "missing tool") and "nc" in tool.evidence
+
+
+def test_every_probe_script_prints_the_evidence_it_declares():
+    for probe in catalog.PROBES:
+        assert probe.evidence, f"{probe.name} declares no evidence"
+        for keys in probe.evidence:
+            assert any(f"{key}=" in probe.script for key in keys.split("|")), (probe.name, keys)
+
+
+def test_the_bombs_need_a_measured_peak_and_a_limit_at_work(host):
+    fork, memory = catalog.BY_NAME["fork-bomb"], catalog.BY_NAME["memory-bomb"]
+    host.during["fork-bomb"] = host.during["memory-bomb"] = {"ok": True, "fork_ms": 1, "alloc_ms": 1}
+    fork_out = "pids_max=128\nbomb_peak={}\nbomb_left=0\nforks_refused={}\n"
+    assert decide(fork, out(fork_out.format(0, 0)), host, "").result == INCONCLUSIVE  # peak 0: nothing ran
+    assert decide(fork, out(fork_out.format(60, 0)), host, "").result == INCONCLUSIVE  # nothing refused
+    assert decide(fork, out(fork_out.format(60, 40)), host, "").result == HELD
+    assert decide(fork, out(fork_out.format(2047, 0)), host, "").result == BROKE
+    memory_out = "memory_max=67108864\nbomb_status={}\n"
+    awk_failed = decide(memory, out(memory_out.format(2)), host, "")
+    assert awk_failed.result == INCONCLUSIVE  # awk failing on its own proves no limit
+    assert decide(memory, out(memory_out.format(137)), host, "").result == HELD
+    assert decide(memory, out(memory_out.format(1) + "oom_kill=1\n"), host, "").result == HELD
+    assert decide(memory, out(memory_out.format(0) + "bomb_completed=536870912\n"), host, "").result == BROKE
+    host.during["fork-bomb"] = {"ok": False, "fork_error": "EAGAIN"}
+    assert decide(fork, out(fork_out.format(60, 40)), host, "").result == BROKE
+
+
+def test_a_host_without_what_a_probe_reaches_makes_it_inconclusive(host, monkeypatch):
+    from kata_py.harness import host_state
+    from kata_py.harness.probe import SkipProbe
+
+    monkeypatch.setattr(host_state, "loaded_modules", lambda: None)
+    with pytest.raises(SkipProbe, match="no loadable modules"):
+        catalog.BY_NAME["kernel-module"].setup(host)
+    from kata_py.harness.device_probes import _setup_char_device
+    with pytest.raises(SkipProbe, match="nothing to reach"):
+        _setup_char_device("/dev/none", 4095, 4095)
+
+
+def test_kernel_helper_paths_are_rewritten_to_equivalent_spellings():
+    from kata_py.harness.escape_probes import equivalent
+
+    assert equivalent("core", "t") == "./core"
+    assert equivalent("/var/crash/core.%p", "t") == "/./var/crash/core.%p"
+    assert equivalent("|/usr/lib/systemd/systemd-coredump %P %u", "t") == "|/./usr/lib/systemd/systemd-coredump %P %u"
+    assert equivalent("/sbin/modprobe", "t") == "/./sbin/modprobe"
+    assert equivalent("", "t") == "/nonexistent/kata-py-harness-t"
+
+
+def test_exit_status_rules():
+    from kata_py.harness.runner import HarnessReport, ProbeResult, exit_status
+
+    def report(*results):
+        return HarnessReport("runc", "1", "6", "h", [ProbeResult(f"p{i}", "", r, "e") for i, r in enumerate(results)])
+
+    assert exit_status([report("held", "broke")]) == 0  # a break is a finding
+    assert exit_status([report("held", "inconclusive")]) == 3
+    assert exit_status([report("held", "inconclusive")], allow_inconclusive=True) == 0
+    assert exit_status([report("broke", "broke")], control=True) == 0
+    assert exit_status([report("broke", "held")], control=True) == 4
+
+
+def test_every_probe_has_a_positive_control():
+    from kata_py.harness import controls
+
+    planned = [p.name for _control, probes in controls.plan() for p in probes]
+    assert sorted(planned) == sorted(p.name for p in catalog.PROBES)
+    assert {p.control for p in catalog.PROBES} == set(controls.CONTROLS)
+
+
+def test_the_privileged_control_weakens_the_harness_spec(tmp_path):
+    from kata_py.harness import controls
+
+    (tmp_path / "rootfs").mkdir()
+    host = HostSide(tmp_path / "rootfs")
+    try:
+        spec = bundle.harness_spec(host.rootfs)
+        controls.CONTROLS["privileged"].weaken(spec, host)
+        assert spec["linux"]["namespaces"] == [{"type": "mount"}]
+        assert "CAP_SYS_ADMIN" in spec["process"]["capabilities"]["effective"]
+        assert "readonlyPaths" not in spec["linux"] and "maskedPaths" not in spec["linux"]
+        assert {"destination": str(tmp_path), "type": "bind", "source": str(tmp_path),
+                "options": ["rbind", "rw"]} in spec["mounts"]
+        unlimited = bundle.harness_spec(host.rootfs)
+        controls.CONTROLS["unlimited"].weaken(unlimited, host)
+        assert "pids" not in unlimited["linux"]["resources"] and "memory" not in unlimited["linux"]["resources"]
+    finally:
+        host.close()
+
+
+def _result(name: str, result: str, reason: str = "") -> dict:
+    return {"name": name, "title": f"t {name}", "result": result, "evidence": f"ev <{name}>", "output": "",
+            "reason": reason, "control": "privileged"}
+
+
+def _run(host: str, runtime: str, results: list[dict]) -> dict:
+    summary = {r: sum(1 for x in results if x["result"] == r) for r in ("held", "broke", "inconclusive")}
+    return {"schema": "kata-py-harness-result/1", "runtime": runtime, "runtime_version": "v", "host": host,
+            "host_name": host, "host_kernel": "6", "configuration": "default", "results": results,
+            "summary": summary, "notes": [], "seconds": 1.0}
+
+
+def test_report_renders_a_matrix_with_links_to_evidence(tmp_path):
+    from kata_py.harness import report
+
+    runs = [_run("a", "kata-py", [_result("p1", "held"), _result("p2", "inconclusive", "timeout")]),
+            _run("b", "runc", [_result("p1", "broke")])]
+    markdown = report.as_markdown(runs)
+    assert "| `p1` | [held](#e0-p1) | [BROKE](#e1-p1) |" in markdown
+    assert "| `p2` | [inconclusive](#e0-p2) | – |" in markdown
+    assert '<a id="e1-p1"></a>' in markdown and "b / runc: 0 held, 1 broke, 0 inconclusive" in markdown
+    page = report.as_html(runs)
+    assert '<td class="broke" title="ev &lt;p1&gt;"><a href="#e1-p1">broke</a></td>' in page
+    assert '<dt id="e0-p2">p2: inconclusive (timeout)</dt>' in page
+    assert "<script" not in page and "http" not in page.replace("https://", "")  # self-contained
+    (tmp_path / "r.json").write_text(json.dumps(runs))
+    assert report.load([str(tmp_path / "r.json")]) == runs
+    (tmp_path / "bad.json").write_text('{"runtime": "x"}')
+    with pytest.raises(ConfigError, match="not a harness result"):
+        report.load([str(tmp_path / "bad.json")])
+
+
+def test_the_json_report_follows_its_schema():
+    import jsonschema
+
+    from kata_py.harness import report
+    from kata_py.harness.runner import HarnessReport, ProbeResult
+
+    schema = json.loads(report.SCHEMA_FILE.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    made = HarnessReport("runc", "runc 1", "6.1", "node", [
+        ProbeResult("fs-dotdot", "t", "held", "e", "out", "", "privileged"),
+        ProbeResult("dev-mem", "t", "inconclusive", "e", "", "unavailable here", "privileged")])
+    jsonschema.validate(json.loads(report.as_json(made)), schema)
+    assert made.as_dict()["host"] == "node" and made.as_dict()["summary"]["inconclusive"] == 1
+    wrong = json.loads(report.as_json(made))
+    wrong["results"][1]["reason"] = ""  # an inconclusive without its reason
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(wrong, schema)
 
 
 def test_user_bundle_is_copied_with_limits_where_it_has_none(tmp_path):

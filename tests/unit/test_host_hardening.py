@@ -65,8 +65,8 @@ def test_state_and_run_dirs_are_private(tmp_path, monkeypatch, loose_umask):
     state = tmp_path / "state"
     state.mkdir(mode=0o755)
     os.chmod(state, 0o755)           # as an older kata-py left /var/lib/kata-py
-    monkeypatch.setattr(image, "find_image", lambda state_dir=None: None)
-    monkeypatch.setattr(image, "build_image", lambda state_dir=None, progress=True: "built")
+    monkeypatch.setattr(image, "find_image", lambda state_dir=None, variant=None: None)
+    monkeypatch.setattr(image, "build_image", lambda state_dir=None, progress=True, variant=None: "built")
     assert image.ensure_image(state) == "built"
     assert mode(state) == 0o700
     run = paths.ensure_private_dir(tmp_path / "run" / "sandboxes")
@@ -129,6 +129,9 @@ def test_qemu_creates_its_files_and_sockets_0600(tmp_path, monkeypatch, loose_um
     fake.chmod(0o755)
     monkeypatch.setattr(cmdline, "QEMU_BINARY", str(fake))
     monkeypatch.setenv("FAKE_QEMU_UMASK", str(tmp_path / "umask"))
+    # A script cannot run in the jail (no interpreter there): this is the
+    # unjailed launch; test_jailer checks the jailed one on a real VM.
+    monkeypatch.setenv("KATA_PY_JAIL", "off")
     config = VMConfig(kernel=tmp_path / "k", initrd=tmp_path / "i", console_log=tmp_path / "console.log",
                       extra_args=["-qmp", f"unix:{tmp_path / 'qmp.sock'},server=on,wait=off"])
 
