@@ -21,6 +21,7 @@ from qemu.qmp import QMPClient
 from .. import timing
 from ..errors import VMLaunchError
 from ..timing import mark
+from . import jail
 from .cmdline import VMConfig, build_argv
 from .host_cgroup import HostCgroup, HostLimits
 
@@ -85,7 +86,10 @@ class QemuMachine:
         self.host_cgroup = host_cgroup
         self.host_limits = host_limits
         self.state = VMState.NEW
-        self.process: asyncio.subprocess.Process | None = None
+        self.process: asyncio.subprocess.Process | jail.JailedProcess | None = None
+        # QEMU runs jailed (kata_py/vmm/jail.py) unless $KATA_PY_JAIL=off.
+        self.jailed = jail.enabled()
+        self.jail: jail.Prepared | None = None
         self.qmp: QMPClient | None = None
         self.argv: list[str] = []
         self.stderr_log = run_dir / "qemu.log"
@@ -118,12 +122,15 @@ class QemuMachine:
         try:
             self.argv = build_argv(self.config, theirs.fileno())
             with open(self.stderr_log, "wb") as err:
-                self.process = await asyncio.create_subprocess_exec(
-                    *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=err, stderr=err,
-                    pass_fds=[theirs.fileno(), *self.config.pass_fds], preexec_fn=preexec,
-                    # What QEMU creates (the QMP socket, the console log) is 0600: its owner's
-                    # alone. (9p passthrough sets the modes the guest asks for itself.)
-                    start_new_session=True, umask=0o177)
+                if self.jailed:
+                    self.process = await self._spawn_jailed(theirs.fileno(), err, preexec)
+                else:
+                    self.process = await asyncio.create_subprocess_exec(
+                        *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=err, stderr=err,
+                        pass_fds=[theirs.fileno(), *self.config.pass_fds], preexec_fn=preexec,
+                        # What QEMU creates (the QMP socket, the console log) is 0600: its owner's
+                        # alone. (9p passthrough sets the modes the guest asks for itself.)
+                        start_new_session=True, umask=0o177)
             theirs.close()
             mark("qemu_spawned", qemu_pid=self.process.pid)
             self.qmp = QMPClient(self.config.name)
@@ -147,6 +154,43 @@ class QemuMachine:
             theirs.close()
             await self.shutdown()
             raise
+
+    async def _spawn_jailed(self, qmp_fd: int, err, preexec) -> jail.JailedProcess:
+        """Start QEMU through the jail's launcher; QEMU becomes our child."""
+        root = self.run_dir / jail.ROOT_NAME
+        root.mkdir(mode=0o700, exist_ok=True)
+        try:
+            self.jail = jail.prepare(self.argv, root, self.config.accel, hostname=self.config.name[:64])
+        except (jail.JailError, OSError) as exc:
+            raise VMLaunchError(f"cannot jail QEMU: {exc}", argv=self.argv) from exc
+        spec_r, spec_w = os.pipe()
+        report_r, report_w = os.pipe()
+        try:
+            os.write(spec_w, jail.encode_spec(self.jail.spec))  # a few KiB: within the pipe's buffer
+            os.close(spec_w)
+            spec_w = -1
+            argv, env = jail.launcher_argv(spec_r, report_w)
+            launcher = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=err, stderr=err, env=env,
+                pass_fds=[spec_r, report_w, qmp_fd, *self.config.pass_fds, *self.jail.pass_fds],
+                preexec_fn=preexec, start_new_session=True, umask=0o177)
+            os.close(report_w)
+            report_w = -1
+            code = await launcher.wait()
+            report = os.read(report_r, 64).strip()
+        finally:
+            for fd in (spec_r, spec_w, report_r, report_w):
+                if fd >= 0:
+                    os.close(fd)
+        if code != 0 or not report.isdigit():
+            raise self._launch_error(f"the jail's launcher failed (status {code})")
+        process = jail.JailedProcess(int(report))
+        self.jail.close()               # QEMU holds its own copies
+        for helper in self.jail.helpers:
+            helper.close_ours()
+            if self.cgroup is not None and helper.pid is not None:
+                self.cgroup.adopt(helper.pid)
+        return process
 
     def _launch_error(self, reason: str) -> VMLaunchError:
         code = self.process.returncode if self.process else None
@@ -209,6 +253,9 @@ class QemuMachine:
                 self.exit_code = self.process.returncode
                 if timing.log.isEnabledFor(logging.INFO):
                     mark("qemu_exited", guest=guest_milestones(self.config.console_log))
+            if self.jail is not None:
+                jail.release(self.jail)
+                self.jail = None
             if self.cgroup is not None:
                 self.cgroup.remove()
             self.state = VMState.STOPPED
