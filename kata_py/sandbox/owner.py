@@ -85,6 +85,9 @@ MAX_CONNECTIONS = 64
 MAX_IN_FLIGHT = 256             # requests of one connection being handled at once
 MAX_WRITE_BUFFER = 64 << 20     # a connection that does not read its replies and events is dropped
 CLOSE_TIMEOUT = 5.0
+# How long a broken agent connection waits for the VM watcher to report a
+# QEMU exit before it ends the sandbox with its own reason.
+AGENT_LOST_GRACE = 1.0
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -406,8 +409,12 @@ class Owner:
             self.end("the sandbox's pooled VM ended unexpectedly (its standby exited)", failed=True)
 
     def _agent_lost(self, reason: str) -> None:
-        if not self.ending.is_set():
-            self.end(reason, failed=True)
+        if self.ending.is_set():
+            return
+        # A killed or crashed QEMU breaks the agent's connection too, and the
+        # broken connection is often seen first: the VM's own watcher gets a
+        # moment to say what really happened (the first reason stands).
+        asyncio.get_running_loop().call_later(AGENT_LOST_GRACE, self.end, reason, True)
 
     def end(self, reason: str, failed: bool = False) -> None:
         """Begin ending the sandbox (once; the first reason stands)."""
