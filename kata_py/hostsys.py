@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import socket
 
 CLONE_NEWNS = 0x00020000
 MS_RDONLY = 0x1
@@ -13,6 +14,7 @@ MS_NOEXEC = 0x8
 MS_REMOUNT = 0x20
 MS_BIND = 0x1000
 MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
 MS_SLAVE = 1 << 19
 MNT_DETACH = 2
 UMOUNT_NOFOLLOW = 8
@@ -42,6 +44,25 @@ def unshare(flags: int) -> None:
 
 def setns(fd: int, nstype: int) -> None:
     _check(_libc.setns(fd, nstype), "setns")
+
+
+def listen_private(path: str, backlog: int) -> socket.socket:
+    """A Unix socket listening at ``path`` (an old one replaced), mode 0600:
+    nobody can connect before listen(), so tightening the mode after bind is
+    early enough. Raises OSError."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o600)
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 HYBRID_CGROUP2 = "/sys/fs/cgroup/unified"

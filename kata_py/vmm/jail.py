@@ -55,6 +55,9 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from .. import hostsys
+from ..hostsys import MNT_DETACH, MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC, MS_REMOUNT
+
 UID_BASE = 0x50000000
 ROOT_NAME = "root"
 PROXY_HELPER = "/usr/lib/qemu/virtfs-proxy-helper"
@@ -81,15 +84,6 @@ CLONE_NEWPID = 0x20000000
 CLONE_PARENT = 0x00008000
 SYS_CLONE = 56
 SYS_PIVOT_ROOT = 155
-MS_RDONLY = 0x1
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MS_NOEXEC = 0x8
-MS_REMOUNT = 0x20
-MS_BIND = 0x1000
-MS_REC = 0x4000
-MS_PRIVATE = 1 << 18
-MNT_DETACH = 2
 PR_SET_PDEATHSIG = 1
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
@@ -283,18 +277,9 @@ def _translate(opt: str, value: str, prepared: Prepared) -> list[str]:
 
 def _listen(path: str) -> socket.socket:
     try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        os.chmod(path, 0o600)
-        sock.listen(4)
+        return hostsys.listen_private(path, 4)
     except OSError as exc:
-        sock.close()
         raise JailError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
-    return sock
 
 
 def release(prepared: Prepared) -> None:

@@ -36,6 +36,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from .. import hostsys
 from ..errors import KataError
 
 BINARY = "/usr/lib/qemu/virtiofsd"
@@ -110,16 +111,10 @@ class VirtioFsDaemon:
         path = os.fspath(self.socket_path)
         if len(os.fsencode(path)) >= 108:
             raise VirtioFsError(f"socket path too long for AF_UNIX: {path}")
-        self.socket_path.unlink(missing_ok=True)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.bind(path)
-            os.chmod(path, 0o600)
-            sock.listen(1)
+            return hostsys.listen_private(path, 1)
         except OSError as exc:
-            sock.close()
             raise VirtioFsError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
-        return sock
 
     async def _wait_ready(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT

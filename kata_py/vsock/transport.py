@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from .. import hostsys
 from ..errors import VsockError
 from . import hybrid
 
@@ -73,19 +74,9 @@ class HybridVsock:
         if len(os.fsencode(path)) >= 108:
             raise VsockError(f"socket path too long for AF_UNIX: {path}")
         try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(os.fspath(path))
-            # Nobody can connect before listen(), so tightening the mode here is early enough.
-            os.chmod(path, 0o600)
-            sock.listen(64)
+            return hostsys.listen_private(os.fspath(path), 64)
         except OSError as e:
-            sock.close()
             raise VsockError(f"cannot listen on {path}: {e}") from None
-        return sock
 
     def start(self) -> None:
         if self.proc is not None:
