@@ -11,7 +11,7 @@ def add_parser(sub) -> None:
     source.add_argument("--bundle", help="an OCI bundle to run the probes in (its process is replaced)")
     source.add_argument("--rootfs", help="a root filesystem to run the probes in, with the harness's spec")
     run.add_argument("--runtime", default="kata-py",
-                     help="kata-py (default), runc, crun, or the path of a runc-compatible runtime")
+                     help="kata-py (default), runc, crun, runsc, or the path of a runc-compatible runtime")
     run.add_argument("--format", choices=("table", "json"), default="table",
                      help="table (default) or json: the machine format (kata_py/harness/result.schema.json)")
     run.add_argument("--json", action="store_true", help="the same as --format json")

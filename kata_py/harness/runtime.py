@@ -13,7 +13,11 @@ from pathlib import Path
 from ..errors import ConfigError, KataError
 from ..hostsys import crun_preexec
 
-KNOWN = {"runc": "runc", "crun": "crun"}  # name -> executable on PATH (Debian packages of the same names)
+KNOWN = {"runc": "runc", "crun": "crun", "runsc": "runsc"}  # name -> executable on PATH (Debian packages)
+# Global flags a runtime needs on a host like the test machines: gVisor's
+# ptrace platform (no KVM), and no network of its own (its netstack wants a
+# network namespace set up for it, which the harness's spec does not make).
+FLAGS = {"runsc": ["--network=none", "--platform=ptrace"]}
 
 
 class HarnessError(KataError):
@@ -37,10 +41,10 @@ class Runtime:
             path = shutil.which(KNOWN[spec])
             if path is None:
                 raise ConfigError(f"--runtime {spec}: {KNOWN[spec]} is not installed (Debian package {spec})")
-            return cls(spec, [path], root)
+            return cls(spec, [path, *FLAGS.get(spec, [])], root)
         if os.sep in spec and os.access(spec, os.X_OK) and os.path.isfile(spec):
             return cls(os.path.basename(spec), [os.path.abspath(spec)], root)
-        raise ConfigError(f"--runtime {spec}: expected kata-py, runc, crun or the path of an executable")
+        raise ConfigError(f"--runtime {spec}: expected kata-py, runc, crun, runsc or the path of an executable")
 
     def command(self, *args: str) -> list[str]:
         return [*self.argv, "--root", str(self.root), *args]
