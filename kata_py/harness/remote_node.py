@@ -50,8 +50,8 @@ def emit(event: dict) -> None:
 
 def node_runtime(spec: str) -> str:
     """The runtime as the harness resolves it on this node: a path as given;
-    runc and crun by name; any other name (kata-py, runsc, kata-runtime) is
-    the executable of that name on this node's PATH."""
+    runc, crun and runsc by name (with the flags they need); any other name
+    (kata-py, kata-runtime) is the executable of that name on this node's PATH."""
     if os.sep in spec or spec in KNOWN:
         return spec
     path = shutil.which(spec)
