@@ -156,6 +156,22 @@ def test_crun_runs_the_same_battery_and_shares_the_host_kernel(tmp_path):
     assert crun["fork-bomb"]["result"] == crun["memory-bomb"]["result"] == "held"
 
 
+POSTURE = ["vmm-uid", "vmm-capabilities", "vmm-no-new-privs", "vmm-seccomp", "vmm-namespaces", "vmm-root"]
+
+
+def test_the_posture_probes_say_what_crun_holds(tmp_path):
+    """For crun (as for runc) the process that holds the boundary is the
+    container's init: root, with capabilities and no seccomp filter under the
+    harness's spec, in namespaces and a root of its own. Each probe reaches a
+    verdict with its evidence."""
+    found = by_name(harness(tmp_path, "--runtime", "crun", "--probe", *POSTURE))
+    assert list(found) == POSTURE
+    assert {name: r["result"] for name, r in found.items()} == {
+        "vmm-uid": "broke", "vmm-capabilities": "broke", "vmm-no-new-privs": "held", "vmm-seccomp": "broke",
+        "vmm-namespaces": "held", "vmm-root": "held"}
+    assert all("container init" in r["evidence"] for r in found.values())
+
+
 # -- positive controls: every probe must break in its own
 
 
