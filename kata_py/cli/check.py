@@ -33,17 +33,27 @@ def host_report() -> dict:
     else:
         report["vsock"] = ("vhost-user-vsock served by kata-py's own backend (hybrid vsock over a Unix socket): "
                            "no /dev/vhost-vsock on this host")
+    from ..config import shared_fs
+
     virtiofsd = host.has_virtiofsd()
-    # 9p is what kata-py uses today; virtio-fs is only reported as available.
-    report["shared_fs"] = "virtio-9p (built into QEMU)" + (
-        f"; virtiofsd is present ({virtiofsd}) but virtio-fs is not used yet" if virtiofsd
-        else "; no virtiofsd on this host")
+    chosen = shared_fs()
+    if chosen == "virtio-fs":
+        report["shared_fs"] = (f"virtio-fs, one virtiofsd per VM ({virtiofsd})" if virtiofsd
+                               else "virtio-fs selected, but no virtiofsd on this host: select 9p "
+                                    "(KATA_PY_SHARED_FS=9p)")
+    else:
+        report["shared_fs"] = "virtio-9p (built into QEMU), selected by KATA_PY_SHARED_FS or [vm] shared_fs"
+    from ..vmm import jail
+    report["qemu_jail"] = ("on: own namespaces, an unprivileged uid, no capabilities, a root of its own"
+                           if jail.enabled() else "off (KATA_PY_JAIL=off): QEMU runs as root in the host's namespaces")
     if image is None:
         report["image"] = None
         report["accel"] = {"accel": None, "reason": "no guest image yet to probe with: run `kata-py image build`"}
     else:
         report["image"] = {"directory": str(image.directory), "kernel": str(image.kernel),
-                           "initrd": str(image.initrd), "kernel_release": image.kernel_release}
+                           "initrd": str(image.initrd), "kernel_release": image.kernel_release,
+                           "kernel_variant": image.manifest.get("kernel_variant", "debian"),
+                           "rootfs": str(image.rootfs) if image.rootfs else None}
         choice = choose_accel(image.kernel, image.floor_initrd, paths.state_dir())
         report["accel"] = {"accel": choice.accel, "reason": choice.reason, "cached": choice.cached}
     return report
@@ -62,12 +72,15 @@ def cmd_check(args) -> int:
          if report["kvm_device"] else "absent"),
         ("vsock", report["vsock"]),
         ("shared fs", report["shared_fs"]),
+        ("qemu jail", report["qemu_jail"]),
         ("cgroups (host)", report["cgroups"]),
         ("guest image", report["image"]["directory"] if report["image"] else "not built"),
     ]
     if report["image"]:
-        lines += [("  kernel", f"{report['image']['kernel']} ({report['image']['kernel_release']})"),
-                  ("  initrd", report["image"]["initrd"])]
+        lines += [("  kernel", f"{report['image']['kernel']} ({report['image']['kernel_release']}, "
+                               f"{report['image']['kernel_variant']})")]
+        lines += ([("  root disk", report["image"]["rootfs"])] if report["image"]["rootfs"]
+                  else [("  initrd", report["image"]["initrd"])])
     lines += [("state dir", report["state_dir"]), ("run dir", report["run_dir"])]
     width = max(len(k) for k, _ in lines)
     for key, value in lines:

@@ -84,7 +84,13 @@ def test_check_reports_the_accelerator():
         # On these hosts KVM cannot boot a stock guest: TCG, with the reason.
         assert "TCG" in accel_line
         assert ("kvm_pvm" in accel_line or "no /dev/kvm" in accel_line or "did not boot" in accel_line)
-    assert "vsock" in text and "virtio-9p" in text
+    assert "vsock" in text
+    lines = {line.strip().split("  ", 1)[0]: line for line in text.splitlines()}
+    assert "virtio-fs, one virtiofsd per VM" in lines["shared fs"]
+    assert lines["qemu jail"].split()[2] == "on:"
+    assert "rootfs.erofs" in lines["root disk"] and "sandbox)" in lines["kernel"]
+    nine = kata("check", env=dict(os.environ, KATA_PY_SHARED_FS="9p")).stdout.decode()
+    assert "virtio-9p" in next(line for line in nine.splitlines() if line.startswith("shared fs"))
 
 
 def test_loopback_is_up_and_nothing_else():
