@@ -151,7 +151,9 @@ def test_ctr_run_with_a_terminal(node):
 
 def test_ctr_exec_pause_resume_metrics_kill(node):
     name = "ticker"
-    counter = "trap 'exit 3' TERM; i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.2; done"
+    # Written aside and renamed: a reader never sees the file truncated but not yet written
+    # (a pause can land between the two).
+    counter = "trap 'exit 3' TERM; i=0; while :; do i=$((i+1)); echo $i > /tmp/n.new; mv /tmp/n.new /tmp/n; sleep 0.2; done"
     ctr_ok(node, "run", "-d", "--runtime", RUNTIME, IMAGE, name, "sh", "-c", counter)
     try:
         wait_for(lambda: node.ctr("task", "exec", "--exec-id", "w", name, "cat", "/tmp/n").returncode == 0,
