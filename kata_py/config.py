@@ -35,14 +35,19 @@ def config_path() -> Path:
     return Path(os.environ.get("KATA_PY_CONFIG", DEFAULT_PATH))
 
 
-def load_factory_config() -> FactoryConfig:
+def _read_config() -> tuple[Path, dict]:
+    """(the file, its tables); a missing file has none."""
     path = config_path()
     try:
-        data = tomllib.loads(path.read_text())
+        return path, tomllib.loads(path.read_text())
     except FileNotFoundError:
-        return FactoryConfig()
+        return path, {}
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def load_factory_config() -> FactoryConfig:
+    path, data = _read_config()
     section = data.get("factory", {})
     unknown = set(section) - set(FactoryConfig.__dataclass_fields__)
     if unknown:
@@ -67,13 +72,7 @@ def shared_fs() -> str:
     value = os.environ.get("KATA_PY_SHARED_FS")
     where = "$KATA_PY_SHARED_FS"
     if not value:
-        path = config_path()
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            return DEFAULT_SHARED_FS
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"{path}: {exc}") from None
+        path, data = _read_config()
         value = data.get("vm", {}).get("shared_fs", DEFAULT_SHARED_FS)
         where = f"{path}: [vm] shared_fs"
     if value not in SHARED_FILESYSTEMS:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import socket
 
 CLONE_NEWNS = 0x00020000
@@ -16,6 +17,8 @@ MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 MS_SLAVE = 1 << 19
+MS_SHARED = 1 << 20
+PR_SET_PDEATHSIG = 1
 MNT_DETACH = 2
 UMOUNT_NOFOLLOW = 8
 EINVAL = 22
@@ -36,6 +39,18 @@ def mount(source: str, target: str, fstype: str = "", flags: int = 0, data: str 
 
 def umount(target: str, flags: int = 0) -> None:
     _check(_libc.umount2(target.encode(), flags), f"umount {target}")
+
+
+def set_parent_death_signal(signum: int) -> None:
+    """The signal this process gets when its parent dies (0: none). Cannot
+    fail for a valid signal; called between fork and exec, it raises nothing."""
+    _libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
+
+
+def die_with_parent() -> None:
+    """For a child before exec (a preexec_fn): if whoever started it dies, so
+    does it, rather than run on with nobody to stop it."""
+    set_parent_death_signal(signal.SIGKILL)
 
 
 def unshare(flags: int) -> None:

@@ -34,11 +34,10 @@ def host_report() -> dict:
         report["vsock"] = ("vhost-user-vsock served by kata-py's own backend (hybrid vsock over a Unix socket): "
                            "no /dev/vhost-vsock on this host")
     from ..config import shared_fs
+    from ..vmm import virtiofsd
 
-    virtiofsd = host.has_virtiofsd()
-    chosen = shared_fs()
-    if chosen == "virtio-fs":
-        report["shared_fs"] = (f"virtio-fs, one virtiofsd per VM ({virtiofsd})" if virtiofsd
+    if shared_fs() == "virtio-fs":
+        report["shared_fs"] = (f"virtio-fs, one virtiofsd per VM ({virtiofsd.BINARY})" if virtiofsd.installed()
                                else "virtio-fs selected, but no virtiofsd on this host: select 9p "
                                     "(KATA_PY_SHARED_FS=9p)")
     else:

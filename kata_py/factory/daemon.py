@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import itertools
 import logging
 import os
@@ -21,16 +20,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import hostsys
 from ..sandbox.pool_wire import WireError, decode, encode, read_message
 from ..vmm.host_cgroup import remove_vm_run_dir
 
 log = logging.getLogger("kata_py.factory")
 READY_TIMEOUT = 180.0      # a standby's boot under TCG on a loaded machine
 RETRY_DELAY = 5.0
-
-
-def _die_with_parent() -> None:
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -79,7 +75,7 @@ class Factory:
                 sys.executable, "-m", "kata_py.factory.standby", "--dir", str(directory),
                 "--memory", str(self.memory_mib), "--cpus", str(self.cpus),
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=log_file,
-                preexec_fn=_die_with_parent)
+                preexec_fn=hostsys.die_with_parent)
         finally:
             log_file.close()
         self.children.add(process)

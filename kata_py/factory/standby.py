@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import json
 import logging
 import os
@@ -21,17 +20,17 @@ import signal
 import sys
 from pathlib import Path
 
+from .. import hostsys
 from ..sandbox.pool_wire import WireError, encode, read_message
 
 log = logging.getLogger("kata_py.factory.standby")
-PR_SET_PDEATHSIG = 1
 CLAIM_TIMEOUT = 10.0
 
 
 def _outlive_the_factory() -> None:
     # Idle, a standby dies with the factory (PDEATHSIG, set by the factory at
     # spawn); claimed, it serves a container and must not.
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, 0, 0, 0, 0)
+    hostsys.set_parent_death_signal(0)
 
 
 async def serve(directory: Path, memory: int, cpus: int) -> int:

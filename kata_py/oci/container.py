@@ -107,20 +107,23 @@ def spawn_reporting(argv_for, timeout: float = CREATE_TIMEOUT, preexec_fn=None,
     raise KataError(message)
 
 
-def _read_line(fd: int, timeout: float) -> str:
+def _read_line(fd: int, timeout: float | None, limit: int = 1 << 20) -> str:
+    """The first line the owner writes to a pipe (at most `limit` bytes read);
+    with `timeout` None, however long that takes."""
     import select
 
-    deadline = time.monotonic() + timeout
+    deadline = None if timeout is None else time.monotonic() + timeout
     data = b""
     while b"\n" not in data:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            return "error " + json.dumps(f"the sandbox owner did not report within {timeout:.0f} s")
-        chunk = os.read(fd, 65536)
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return "error " + json.dumps(f"the sandbox owner did not report within {timeout:.0f} s")
+        chunk = os.read(fd, min(65536, limit))
         if not chunk:
             break
         data += chunk
-        if len(data) > 1 << 20:
+        if len(data) >= limit:
             break
     return data.decode(errors="replace").split("\n", 1)[0]
 
@@ -413,13 +416,7 @@ def wait_exit_report(fd: int) -> int | None:
     """The init's exit status from the owner's exit pipe (create's `exit_fd`),
     once it has exited; None when the owner ended without one (its VM died,
     it was killed): then only its own exit says how it ended."""
-    data = b""
-    while b"\n" not in data and len(data) < 64:
-        chunk = os.read(fd, 64)
-        if not chunk:
-            break
-        data += chunk
-    kind, _, payload = data.decode(errors="replace").partition(" ")
+    kind, _, payload = _read_line(fd, None, limit=64).partition(" ")
     if kind != "exit":
         return None
     try:

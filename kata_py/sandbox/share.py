@@ -34,7 +34,6 @@ from .. import hostsys, paths
 from ..errors import KataError
 
 TAG = "sandbox"     # the mount tag of an API sandbox's share
-MS_SHARED = 1 << 20
 
 
 class ShareError(KataError):
@@ -59,7 +58,7 @@ class ContainerShare:
             path.mkdir(mode=0o700)
             try:
                 hostsys.mount(str(path), str(path), "", hostsys.MS_BIND)
-                hostsys.mount("", str(path), "", MS_SHARED)
+                hostsys.mount("", str(path), "", hostsys.MS_SHARED)
             except OSError as exc:
                 remove_share_dir(path)
                 raise ShareError(f"share directory {path}: {exc.strerror}") from exc

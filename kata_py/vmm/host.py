@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 from functools import lru_cache
@@ -54,12 +53,3 @@ def kvm_module_facts() -> list[str]:
         if Path("/sys/module", name).exists():
             facts.append(name)
     return facts
-
-
-def has_virtiofsd() -> str | None:
-    for candidate in ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"):
-        if os.access(candidate, os.X_OK):
-            return candidate
-    from shutil import which
-
-    return which("virtiofsd")

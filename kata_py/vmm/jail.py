@@ -56,7 +56,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from .. import hostsys
-from ..hostsys import MNT_DETACH, MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC, MS_REMOUNT
+from ..hostsys import PR_SET_PDEATHSIG, MNT_DETACH, MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC, MS_REMOUNT
 
 UID_BASE = 0x50000000
 ROOT_NAME = "root"
@@ -84,7 +84,6 @@ CLONE_NEWPID = 0x20000000
 CLONE_PARENT = 0x00008000
 SYS_CLONE = 56
 SYS_PIVOT_ROOT = 155
-PR_SET_PDEATHSIG = 1
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
@@ -312,7 +311,7 @@ class FileHelper:
             self.proc = subprocess.Popen(
                 [PROXY_HELPER, "--nodaemon", "--fd", str(theirs.fileno()), "--path", self.export],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                close_fds=True, preexec_fn=_die_with_parent, start_new_session=True)
+                close_fds=True, preexec_fn=hostsys.die_with_parent, start_new_session=True)
         except OSError as exc:
             ours.close()
             theirs.close()
@@ -341,10 +340,6 @@ class FileHelper:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def _die_with_parent() -> None:
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def encode_spec(spec: JailSpec) -> bytes:

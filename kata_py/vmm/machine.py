@@ -7,7 +7,6 @@ closes everything it opened, whatever happened inside.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import enum
 import logging
 import os
@@ -18,7 +17,7 @@ from pathlib import Path
 
 from qemu.qmp import QMPClient
 
-from .. import timing
+from .. import hostsys, timing
 from ..errors import VMLaunchError
 from ..timing import mark
 from . import jail
@@ -27,7 +26,6 @@ from .host_cgroup import HostCgroup, HostLimits
 
 log = logging.getLogger(__name__)
 
-PR_SET_PDEATHSIG = 1
 QMP_GREETING_TIMEOUT = 30.0
 
 
@@ -37,13 +35,6 @@ class VMState(enum.Enum):
     RUNNING = "running"
     SHUTTING_DOWN = "shutting-down"
     STOPPED = "stopped"
-
-
-def _die_with_parent() -> None:
-    # Runs in the child before exec: if whoever launched QEMU dies, so does QEMU,
-    # rather than a guest running on with nobody to stop it.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def tail(path: Path, limit: int = 4000) -> str:
@@ -116,7 +107,7 @@ class QemuMachine:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
 
         def preexec() -> None:
-            _die_with_parent()
+            hostsys.die_with_parent()   # a guest never runs on with nobody to stop it
             self.cgroup.join()
 
         try:

@@ -28,7 +28,6 @@ serves one directory, the export, to one VM:
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import os
 import signal
 import socket
@@ -43,19 +42,19 @@ BINARY = "/usr/lib/qemu/virtiofsd"
 READY_LINE = b"Waiting for vhost-user socket connection"
 READY_TIMEOUT = 10.0
 STOP_TIMEOUT = 2.0
-PR_SET_PDEATHSIG = 1
 # Caching of attributes and directory entries in the guest: `auto` keeps them
 # for a second (files change on the host rarely while a container runs: its
 # rootfs and binds are its own), `none` asks the host every time.
 CACHE_MODES = ("auto", "always", "none")
 
 
+def installed() -> bool:
+    """Whether the virtiofsd kata-py runs (QEMU 7.2's, whose options it uses) is here."""
+    return os.access(BINARY, os.X_OK)
+
+
 class VirtioFsError(KataError):
     """virtiofsd could not be started for a VM."""
-
-
-def _die_with_parent() -> None:
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def _fuse_option(value: str) -> str:
@@ -82,7 +81,7 @@ class VirtioFsDaemon:
         """Listen on the socket, start the daemon, wait until it is ready."""
         if self.proc is not None:
             raise VirtioFsError("virtiofsd already started")
-        if not os.access(BINARY, os.X_OK):
+        if not installed():
             raise VirtioFsError(f"{BINARY} is missing: install Debian's qemu-system-common (virtio-fs), "
                                 "or select 9p (KATA_PY_SHARED_FS=9p)")
         if not self.source.is_dir():
@@ -92,7 +91,7 @@ class VirtioFsDaemon:
             with open(self.log_path, "wb") as log:
                 self.proc = subprocess.Popen(
                     self.argv(listener.fileno()), pass_fds=(listener.fileno(),), stdin=subprocess.DEVNULL,
-                    stdout=log, stderr=log, close_fds=True, preexec_fn=_die_with_parent,
+                    stdout=log, stderr=log, close_fds=True, preexec_fn=hostsys.die_with_parent,
                     start_new_session=True)
         except OSError as exc:
             self.socket_path.unlink(missing_ok=True)
