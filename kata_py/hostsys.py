@@ -100,3 +100,53 @@ def crun_preexec(name: str):
     """The preexec_fn to run runtime `name` with on this host (crun only, and
     only where the hybrid v2 mount exists), else None."""
     return hide_hybrid_cgroup2 if name == "crun" and os.path.ismount(HYBRID_CGROUP2) else None
+
+
+# -- a child forked from an imported process, standing in for a new interpreter
+
+# Objects whose fds a forked child replaced with /dev/null stay referenced
+# there, so no finalizer of theirs ever runs in the child (one closing a
+# number the child has since reused would close the child's own file).
+_kept_in_child: list = []
+
+
+def replace_fds_except(keep: set[int]) -> None:
+    """In a forked child: every fd but `keep` (what the parent had open:
+    locks, ends of pipes, listeners) becomes /dev/null, closed to the child
+    with its number still taken, whoever still refers to it."""
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep and fd != null:
+            try:
+                os.dup2(null, fd, inheritable=False)
+            except OSError:
+                pass    # the listing's own fd, closed by now
+    _kept_in_child.append(null)
+
+
+def keep_alive_in_child(*objects) -> None:
+    _kept_in_child.extend(objects)
+
+
+def default_signals() -> None:
+    """In a forked child: the signal state a new interpreter starts with (no
+    handler of the parent's, nothing blocked, no wakeup fd into the parent's
+    event loop)."""
+    signal.set_wakeup_fd(-1)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    for signum in signal.valid_signals():
+        try:
+            handler = signal.getsignal(signum)
+        except (OSError, ValueError):
+            continue
+        if callable(handler) and signum != signal.SIGINT:
+            signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def fork_enabled() -> bool:
+    """Whether helper processes (a sandbox owner, an exec relay, the jail's
+    launcher) are forked from the process that has their code imported
+    already; KATA_PY_FORK=off starts each as a new interpreter instead."""
+    return os.environ.get("KATA_PY_FORK", "on") != "off"

@@ -16,7 +16,8 @@ OWNER = "kata_py.sandbox.owner"
 def owned_container(argv: Sequence[str | bytes]) -> tuple[str, str] | None:
     """(state root, container id) of a kata-py container's sandbox owner,
     from its argv (its --container file lives in <root>/<id>/), else None."""
-    argv = [a.decode(errors="replace") if isinstance(a, bytes) else a for a in argv]
+    # An owner forked from the CLI shows its command line as one string (setproctitle).
+    argv = [word for a in argv for word in (a.decode(errors="replace") if isinstance(a, bytes) else a).split()]
     if OWNER not in argv or "--container" not in argv[:-1]:
         return None
     launch = Path(argv[argv.index("--container") + 1])

@@ -20,6 +20,7 @@ from ..errors import ConfigError, KataError
 from ..sandbox import record as sandbox_record
 from ..sandbox.guest_hooks import run_guest_hooks
 from ..sandbox.single import Launch, PlannedShare
+from . import forked
 from .hooks import run_hooks
 from .process_spec import agent_container_id, vm_size
 from .share import owner_dir_for, sandbox_dir_for, sandbox_id_for
@@ -62,9 +63,9 @@ def _relay_argv(job_file: str, status_fd: int, console_socket: str | None, log_f
 
 
 def spawn_reporting(argv_for, timeout: float = CREATE_TIMEOUT, preexec_fn=None,
-                  prepare=None, pass_fds: tuple = ()) -> tuple[subprocess.Popen, dict]:
-    """Start a sandbox owner or exec relay and wait for its one-line report;
-    (process, payload).
+                    prepare=None, pass_fds: tuple = ()) -> tuple[subprocess.Popen | forked.ForkedChild, dict]:
+    """Start a sandbox owner or exec relay (forked: kata_py.oci.forked) and
+    wait for its one-line report; (process, payload).
 
     With `prepare`, the process waits before it does anything until
     prepare(process) has returned (the prestart hooks, which must see the
@@ -73,9 +74,8 @@ def spawn_reporting(argv_for, timeout: float = CREATE_TIMEOUT, preexec_fn=None,
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     go_read, go_write = os.pipe2(os.O_CLOEXEC) if prepare else (-1, -1)
     try:
-        proc = subprocess.Popen(argv_for(write_fd, go_read),
-                                pass_fds=[fd for fd in (write_fd, go_read, *pass_fds) if fd >= 0],
-                                start_new_session=True, preexec_fn=preexec_fn)
+        proc = forked.start(argv_for(write_fd, go_read), tuple(fd for fd in (write_fd, go_read, *pass_fds) if fd >= 0),
+                            preexec_fn=preexec_fn)
     except (OSError, subprocess.SubprocessError) as exc:
         os.close(read_fd)
         if go_write >= 0:

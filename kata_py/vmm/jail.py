@@ -356,7 +356,8 @@ def launcher_argv(spec_fd: int, report_fd: int) -> tuple[list[str], dict]:
 # -- QEMU as a child that asyncio does not know ----------------------------------
 
 class JailedProcess:
-    """QEMU's process, the caller's child by CLONE_PARENT, with the part of
+    """A child of the caller that asyncio does not know (QEMU, by
+    CLONE_PARENT; the forked launcher), with the part of
     asyncio.subprocess.Process the VM uses: pid, returncode, wait, signals."""
 
     def __init__(self, pid: int) -> None:
@@ -590,6 +591,40 @@ def main(argv: list[str]) -> int:
         return 1
     os.write(report_fd, f"{pid}\n".encode())
     return 0
+
+
+def fork_launcher(spec_fd: int, report_fd: int, pass_fds: list[int], output_fd: int, preexec) -> int:
+    """The launcher forked from this process, which has this module imported
+    already, rather than started as a new interpreter (`launcher_argv`):
+    about 70 ms less on every VM's start. Its pid (a child of ours).
+
+    It runs only main() and exits, like a preexec_fn of subprocess's (which
+    a process with threads runs too): the fds it needs, stdio on /dev/null
+    and `output_fd`, its own session, umask 0177, no signal handler of ours."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        os.setsid()
+        os.umask(0o177)
+        preexec()
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(output_fd, 1)
+        os.dup2(output_fd, 2)
+        hostsys.replace_fds_except({0, 1, 2, spec_fd, report_fd, *pass_fds})
+        for fd in pass_fds:
+            os.set_inheritable(fd, True)    # QEMU inherits them
+        hostsys.default_signals()
+        code = main([str(spec_fd), str(report_fd)])
+    except BaseException as exc:
+        try:
+            os.write(2, f"kata-py jail: launcher: {exc}\n".encode())
+        except OSError:
+            pass
+    finally:
+        os._exit(code)
 
 
 if __name__ == "__main__":

@@ -160,11 +160,15 @@ class QemuMachine:
             os.write(spec_w, jail.encode_spec(self.jail.spec))  # a few KiB: within the pipe's buffer
             os.close(spec_w)
             spec_w = -1
-            argv, env = jail.launcher_argv(spec_r, report_w)
-            launcher = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=err, stderr=err, env=env,
-                pass_fds=[spec_r, report_w, qmp_fd, *self.config.pass_fds, *self.jail.pass_fds],
-                preexec_fn=preexec, start_new_session=True, umask=0o177)
+            pass_fds = [qmp_fd, *self.config.pass_fds, *self.jail.pass_fds]
+            if hostsys.fork_enabled():
+                launcher = jail.JailedProcess(jail.fork_launcher(spec_r, report_w, pass_fds, err.fileno(), preexec))
+            else:
+                argv, env = jail.launcher_argv(spec_r, report_w)
+                launcher = await asyncio.create_subprocess_exec(
+                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=err, stderr=err, env=env,
+                    pass_fds=[spec_r, report_w, *pass_fds], preexec_fn=preexec, start_new_session=True,
+                    umask=0o177)
             os.close(report_w)
             report_w = -1
             code = await launcher.wait()

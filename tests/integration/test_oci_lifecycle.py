@@ -53,7 +53,7 @@ def one_error_line(result: subprocess.CompletedProcess, *needles: str, status: i
 def is_live_monitor(pid: int) -> bool:
     """A container's sandbox owner or an exec relay, still running."""
     argv = cmdline(pid).split(b"\0")
-    return owned_container(argv) is not None or b"kata_py.sandbox.relay" in argv
+    return owned_container(argv) is not None or any(b"kata_py.sandbox.relay" in arg for arg in argv)
 
 
 TRAP_LOOP = ("touch /started; trap 'echo got-term; exit 7' TERM; echo ready; "
