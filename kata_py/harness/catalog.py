@@ -4,11 +4,12 @@ its own, once every other probe has had the container intact."""
 from __future__ import annotations
 
 from ..errors import ConfigError
-from . import bomb_probes, device_probes, escape_probes, fs_probes, kernel_probes, net_probes, posture_probes
+from . import (bomb_probes, device_probes, escape_probes, fs_probes, kernel_probes, mount_probes, net_probes,
+               posture_probes)
 from .probe import Probe
 
 PROBES: list[Probe] = (fs_probes.PROBES + net_probes.PROBES + device_probes.PROBES + kernel_probes.PROBES
-                       + escape_probes.PROBES + posture_probes.PROBES + bomb_probes.PROBES)
+                       + escape_probes.PROBES + mount_probes.PROBES + posture_probes.PROBES + bomb_probes.PROBES)
 BY_NAME = {probe.name: probe for probe in PROBES}
 
 

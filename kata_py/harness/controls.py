@@ -13,6 +13,16 @@ leaked-fd      the spec as it is, but the probes' exec gets an fd on a
                host directory (`--preserve-fds`): what a runtime that
                leaks one hands the container
 unlimited      the spec without its pids and memory limits
+symlink-followed
+               the spec as it is, but the second container the
+               mount-symlink probe starts gets its mount destinations
+               resolved on the host, through the symlink container 1
+               planted, before they are handed to runc: what a runtime
+               without a rootfs-confined resolution (no securejoin, a
+               host-side mount as in Kata's CVE-2020-2026) does. The
+               resolution is used only where it lands inside that
+               container's own rootfs, so the token lands on the
+               harness's directory there, never elsewhere on the host
 
 Every break a control provokes is one the probes make harmless (see each
 probe: canaries, the harness's own processes and listeners, values put
@@ -27,7 +37,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import ConfigError
-from . import catalog
+from . import catalog, mount_probes
 from .probe import Probe
 from .runner import HarnessReport, run_harness
 
@@ -68,6 +78,10 @@ def _privileged(spec: dict, host) -> None:
     spec.pop("hostname", None)  # no UTS namespace of its own
 
 
+def _follow_symlinks(spec: dict, host) -> None:
+    host.fixtures[mount_probes.FOLLOW_ON_HOST] = True
+
+
 def _unlimited(spec: dict, host) -> None:
     resources = spec.setdefault("linux", {}).setdefault("resources", {})
     resources.pop("pids", None)
@@ -92,6 +106,9 @@ CONTROLS = {control.name: control for control in (
     Control("leaked-fd", "runc with the harness's spec; the probes' exec holds an fd on a host directory",
             _as_is, leak_fd=True),
     Control("unlimited", "runc with the harness's spec without its pids and memory limits", _unlimited),
+    Control("symlink-followed", "runc with the harness's spec; the second container of mount-symlink gets its "
+            "mount destinations resolved on the host through the symlink container 1 planted (no securejoin)",
+            _follow_symlinks),
 )}
 
 

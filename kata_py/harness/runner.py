@@ -84,6 +84,7 @@ def run_harness(runtime: str = "kata-py", bundle: str | None = None, rootfs: str
         setup = bundle_module.prepare(work, bundle, rootfs)
         host = HostSide(setup.rootfs)
         host.runtime_exe = engine.argv[0]
+        host.runtime = engine  # for a probe whose host step makes a container of its own (mount_probes)
         try:
             bin_dir = host.install_busybox()
             if control is not None:

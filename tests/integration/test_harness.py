@@ -178,7 +178,8 @@ def test_the_posture_probes_say_what_crun_holds(tmp_path):
 @needs_runc
 def test_every_probe_breaks_in_its_positive_control(tmp_path):
     reports = harness(tmp_path, "--control", "--allow-inconclusive")
-    assert {r["configuration"] for r in reports} == {"shared-kernel", "privileged", "leaked-fd", "unlimited"}
+    assert {r["configuration"] for r in reports} == {"shared-kernel", "privileged", "leaked-fd", "unlimited",
+                                                      "symlink-followed"}
     results = {r["name"]: r for report in reports for r in report["results"]}
     assert sorted(results) == sorted(p.name for p in catalog.PROBES)  # the opt-in ones too
     unavailable = unavailable_here()
@@ -189,6 +190,7 @@ def test_every_probe_breaks_in_its_positive_control(tmp_path):
     assert "put back" in results["kernel-helper-paths"]["evidence"]
     assert "/fd/3" in results["leaked-fd"]["evidence"]
     assert "canary copy of the runtime binary" in results["runtime-exe"]["evidence"]
+    assert "reached container 2's /exposed" in results["mount-symlink"]["evidence"]
 
 
 # -- a privileged bundle: all capabilities, no pid, network or UTS namespace

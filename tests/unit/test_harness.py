@@ -61,7 +61,8 @@ def test_default_battery_and_selection():
     assert [p.name for p in catalog.select(["clock", "fs-dotdot"])] == ["fs-dotdot", "clock"]  # battery order
     with pytest.raises(ConfigError, match="unknown probe"):
         catalog.select(["no-such-probe"])
-    assert [p.name for p in default if p.during] == ["runtime-exe", "fork-bomb", "memory-bomb"]  # on their own
+    assert [p.name for p in default if p.during] == ["runtime-exe", "mount-symlink", "fork-bomb",
+                                                      "memory-bomb"]  # on their own
 
 
 def test_fs_probe_verdict_comes_from_the_host_file(host):
