@@ -4,7 +4,10 @@ Everything here runs in the container init's forked child, in its new mount
 namespace, before pivot_root: `root` is the container's rootfs as the agent
 sees it. Destinations are resolved inside `root` the way the container will
 see them (a symlink in the rootfs is followed as if `root` were `/`), so a
-hostile image cannot point a mount outside its own root.
+hostile image cannot point a mount outside its own root. Each mount is then
+made on an fd the kernel resolved once more inside `root` (`pinned`), so a
+component renamed into a symlink after that check (a volume another
+container changes while this one starts) cannot lead it out either.
 
 The functions take the syscall object so that unit tests can record the
 calls with a fake instead of mounting.
@@ -12,13 +15,15 @@ calls with a fake instead of mounting.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 
 from kata_py.protocol.oci_names import (FLAG_OPTIONS, MS_NOATIME, MS_NODIRATIME, MS_NOSYMFOLLOW, MS_STRICTATIME,
                                         PROPAGATION_OPTIONS)
 
-from .syscalls import MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REC, MS_RELATIME, MS_REMOUNT
+from .syscalls import (MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REC, MS_RELATIME, MS_REMOUNT,
+                       RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS)
 
 ELOOP = 40
 MAX_SYMLINKS = 40
@@ -118,6 +123,26 @@ def secure_join(root: str, path: str) -> str:
     return root + ("/" + "/".join(resolved) if resolved else "")
 
 
+@contextlib.contextmanager
+def pinned(sys_, root: str, target: str):
+    """`target` (under `root`, as secure_join found it) opened O_PATH with
+    the kernel resolving it again with `root` as `/` (openat2
+    RESOLVE_IN_ROOT); yields the /proc/self/fd path that names exactly what
+    was opened. mount(2) on that path mounts there, not wherever the path's
+    components lead by then: the check-then-mount race on a destination
+    (runc's CVE-2021-30465) stays inside `root`."""
+    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = sys_.openat2(root_fd, os.path.relpath(target, root), os.O_PATH | os.O_CLOEXEC, 0,
+                          RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+    finally:
+        os.close(root_fd)
+    try:
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
+
+
 def make_mount_point(target: str, file_source: bool) -> None:
     """Create a directory (or an empty file, for a file bind) to mount on."""
     if os.path.lexists(target):
@@ -144,20 +169,23 @@ def mount_one(sys_, root: str, mount: dict, source: str) -> str:
         fstype, data = "cgroup2", ""
     target = secure_join(root, destination)
     bind = bool(flags & MS_BIND)
+    wanted = flags & BIND_REMOUNT_FLAGS if bind else 0
     try:
         make_mount_point(target, bind and not os.path.isdir(source))
-        if bind:
-            sys_.mount(source, target, "", flags & (MS_BIND | MS_REC))
-            wanted = flags & BIND_REMOUNT_FLAGS
-            if wanted:
-                # A bind takes no flags of its own: remount it with them, keeping
-                # the lock-in flags the source already had.
-                kept = os.statvfs(target).f_flag & ST_FLAGS_KEPT
-                sys_.mount("", target, "", MS_REMOUNT | MS_BIND | wanted | kept)
-        else:
-            sys_.mount(source or fstype, target, fstype, flags & ~(MS_BIND | MS_REC), data)
-        for prop in propagation:
-            sys_.mount("", target, "", prop)
+        with pinned(sys_, root, target) as at:
+            if bind:
+                sys_.mount(source, at, "", flags & (MS_BIND | MS_REC))
+            else:
+                sys_.mount(source or fstype, at, fstype, flags & ~(MS_BIND | MS_REC), data)
+        if wanted or propagation:
+            with pinned(sys_, root, target) as at:      # the new mount, now on top
+                if wanted:
+                    # A bind takes no flags of its own: remount it with them, keeping
+                    # the lock-in flags the source already had.
+                    kept = os.statvfs(at).f_flag & ST_FLAGS_KEPT
+                    sys_.mount("", at, "", MS_REMOUNT | MS_BIND | wanted | kept)
+                for prop in propagation:
+                    sys_.mount("", at, "", prop)
     except OSError as exc:
         raise MountError(exc.errno or 0, f"mount {destination} ({fstype or 'bind'}): "
                                          f"{os.strerror(exc.errno) if exc.errno else exc}") from None
@@ -203,10 +231,11 @@ def mask_path(sys_, root: str, path: str) -> None:
         is_dir = os.path.isdir(target)
         if not os.path.lexists(target):
             return
-        if is_dir:
-            sys_.mount("tmpfs", target, "tmpfs", MS_RDONLY)
-        else:
-            sys_.mount("/dev/null", target, "", MS_BIND)
+        with pinned(sys_, root, target) as at:
+            if is_dir:
+                sys_.mount("tmpfs", at, "tmpfs", MS_RDONLY)
+            else:
+                sys_.mount("/dev/null", at, "", MS_BIND)
     except OSError as exc:
         raise MountError(exc.errno or 0, f"masking {path}: {os.strerror(exc.errno or 0)}") from None
 
@@ -216,8 +245,10 @@ def readonly_path(sys_, root: str, path: str) -> None:
     if not os.path.lexists(target):
         return
     try:
-        sys_.mount(target, target, "", MS_BIND | MS_REC)
-        kept = os.statvfs(target).f_flag & ST_FLAGS_KEPT
-        sys_.mount("", target, "", MS_REMOUNT | MS_BIND | MS_RDONLY | kept)
+        with pinned(sys_, root, target) as at:
+            sys_.mount(at, at, "", MS_BIND | MS_REC)
+        with pinned(sys_, root, target) as at:          # the bind, now on top
+            kept = os.statvfs(at).f_flag & ST_FLAGS_KEPT
+            sys_.mount("", at, "", MS_REMOUNT | MS_BIND | MS_RDONLY | kept)
     except OSError as exc:
         raise MountError(exc.errno or 0, f"read-only {path}: {os.strerror(exc.errno or 0)}") from None

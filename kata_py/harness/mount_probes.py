@@ -28,9 +28,10 @@ mounts on the host, on that directory), so even a break changes nothing but
 what the harness made. Decided from the host: container 2's report of its
 /exposed (its process is the harness's, not the attacker's), what the host
 reads at /proc/PID/root/exposed and /proc/PID/mountinfo of container 2's
-processes, and its own mount table. The guest agent's own resolution of a
-destination inside a VM is the guest's matter: it lands, at worst, in the
-guest, never on a host path, and this probe does not see it.
+processes, and its own mount table. Inside a VM the guest agent makes the
+mounts (on fds it resolved with openat2 RESOLVE_IN_ROOT: agent/kata_agent/
+mounts.py); where they land there is the guest's matter, never a host path,
+and this probe does not see it.
 
 The positive control (`symlink-followed`, controls.py) is runc with
 container 2's mount destinations resolved on the host through the planted

@@ -14,15 +14,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "agent"))
 
 from kata_agent import mounts  # noqa: E402
 from kata_agent.syscalls import (MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_RDONLY,  # noqa: E402
-                                 MS_REC, MS_RELATIME, MS_REMOUNT, MS_SLAVE)
+                                 MS_REC, MS_RELATIME, MS_REMOUNT, MS_SLAVE, Syscalls)
+
+
+def named(path: str) -> str:
+    """What a /proc/self/fd path the agent mounts on stands for (the fd is open during the call)."""
+    return os.readlink(path) if path.startswith("/proc/self/fd/") else path
 
 
 class RecordingSys:
+    """mount(2) recorded, on the paths the pinned fds stand for; openat2 is the real one."""
+
     def __init__(self, fail_on: str | None = None) -> None:
         self.calls = []
         self.fail_on = fail_on
+        self.real = Syscalls()
+
+    def openat2(self, *args):
+        return self.real.openat2(*args)
 
     def mount(self, source, target, fstype, flags=0, data=""):
+        source, target = named(source), named(target)
         if self.fail_on and target.endswith(self.fail_on):
             raise OSError(13, "denied")
         self.calls.append((source, target, fstype, flags, data))
@@ -129,3 +141,35 @@ def test_devices(tmp_path):
     mine = os.stat(tmp_path / "dev" / "mydev")
     assert stat.S_IMODE(mine.st_mode) == 0o600 and (mine.st_uid, mine.st_gid) == (1000, 1000)
     assert stat.S_ISFIFO(os.stat(tmp_path / "dev" / "fifo0").st_mode)
+
+
+class WhereSys(RecordingSys):
+    """Records where mount(2) would really land: the kernel follows a plain
+    path's symlinks at the time of the call."""
+
+    def mount(self, source, target, fstype, flags=0, data=""):
+        self.calls.append(os.path.realpath(named(target)))
+
+
+@pytest.mark.parametrize("link", ["outside", "/"])
+def test_a_destination_swapped_for_a_symlink_after_the_check_stays_inside_root(tmp_path, monkeypatch, link):
+    """The mount-target race: `vol/lnk` is a directory when the destination is
+    resolved and a symlink out of the root when the mount is made."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "vol" / "lnk").mkdir(parents=True)
+    outside.mkdir()
+    made = mounts.make_mount_point
+
+    def swap_after(target, file_source):
+        made(target, file_source)
+        (root / "vol" / "lnk").rmdir()
+        os.symlink(str(outside) if link == "outside" else "/", root / "vol" / "lnk")
+
+    monkeypatch.setattr(mounts, "make_mount_point", swap_after)
+    fake = WhereSys()
+    try:
+        mounts.mount_one(fake, str(root), {"destination": "/vol/lnk", "type": "tmpfs"}, "tmpfs")
+    except mounts.MountError:
+        assert link == "outside"    # resolved in the root: <root>/<tmp_path>/outside does not exist
+    assert all(where == str(root) or where.startswith(f"{root}/") for where in fake.calls), fake.calls
+    assert link == "outside" or fake.calls == [str(root)]
