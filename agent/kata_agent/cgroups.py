@@ -89,8 +89,11 @@ class Cgroup:
 
     def enter(self) -> None:
         """Move the calling process in (runs in the child before exec)."""
-        with open(f"{self.path}/cgroup.procs", "w") as f:
-            f.write("0")
+        fd = os.open(f"{self.path}/cgroup.procs", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
 
     def _read(self, name: str) -> str:
         try:

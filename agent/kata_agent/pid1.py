@@ -25,7 +25,10 @@ ROOT_BIND = "/.root"
 BASE_MOUNTS = [
     ("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RELATIME, ""),
     ("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RELATIME, ""),
-    ("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RELATIME, ""),
+    # favordynmods: moving a process into a cgroup (every container process
+    # does, before exec) then waits for no RCU grace period: 18 -> 6 ms of a
+    # container's set-up under TCG, at a small cost to every fork and exit.
+    ("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RELATIME, "favordynmods"),
     ("devtmpfs", "/dev", "devtmpfs", MS_NOSUID | MS_RELATIME, "mode=0755"),
     ("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV | MS_RELATIME, "mode=0755"),
     ("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_RELATIME, "mode=1777"),

@@ -140,7 +140,14 @@ class _Sys:
         self.fail_setns = fail_setns
 
     def mount(self, source, target, fstype, flags=0, data=""):
+        if target.startswith("/proc/self/fd/"):
+            target = os.readlink(target)    # a destination pinned by openat2 (open during the call)
         self.calls.append(("mount", target, fstype))
+
+    def openat2(self, *args):
+        from kata_agent.syscalls import Syscalls
+
+        return Syscalls().openat2(*args)
 
     def umount(self, target, flags=0):
         self.calls.append(("umount", target))
