@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from ..errors import ConfigError, KataError
@@ -18,6 +20,13 @@ KNOWN = {"runc": "runc", "crun": "crun", "runsc": "runsc"}  # name -> executable
 # ptrace platform (no KVM), and no network of its own (its netstack wants a
 # network namespace set up for it, which the harness's spec does not make).
 FLAGS = {"runsc": ["--network=none", "--platform=ptrace"]}
+# runsc's sandbox process builds its root on a tmpfs it mounts, in a mount
+# namespace of its own, over $TMPDIR (/tmp when unset), after it has dropped
+# the capabilities that let root pass any directory: a TMPDIR below one that
+# others cannot search (pytest's /tmp/pytest-of-root is 0700) fails it, and
+# runsc reports only "waiting for sandbox to start: EOF". The first of these
+# that it can reach is its TMPDIR; nothing is written there.
+SANDBOX_TMPDIRS = ("TMPDIR", "/tmp", "/var/tmp")
 
 
 class HarnessError(KataError):
@@ -31,6 +40,7 @@ class Runtime:
         self.root = root
         # crun 1.8 refuses hybrid cgroups: each of its calls runs where the v2 mount is hidden.
         self.preexec = crun_preexec(name)
+        self.env = runsc_env() if name == "runsc" else None
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     @classmethod
@@ -52,7 +62,7 @@ class Runtime:
     def version(self) -> str:
         try:
             result = subprocess.run([*self.argv, "--version"], capture_output=True, text=True, timeout=30,
-                                    preexec_fn=self.preexec)
+                                    preexec_fn=self.preexec, env=self.env)
         except (OSError, subprocess.TimeoutExpired) as exc:
             return f"unknown ({exc})"
         return (result.stdout.strip().splitlines() or ["unknown"])[0]
@@ -63,7 +73,7 @@ class Runtime:
         with open(log, "wb") as out:
             result = subprocess.run(self.command("run", "--detach", "--bundle", str(bundle), container_id),
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=out, timeout=900,
-                                    preexec_fn=self.preexec)
+                                    preexec_fn=self.preexec, env=self.env)
         if result.returncode != 0:
             raise HarnessError(f"{self.name} could not run the harness container: "
                                f"{log.read_text(errors='replace').strip()[-500:]}")
@@ -80,22 +90,50 @@ class Runtime:
         try:
             result = subprocess.run(self.command("exec", *extra, container_id, *argv), stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout,
-                                    preexec_fn=preexec, close_fds=leak_dir is None)
+                                    preexec_fn=preexec, close_fds=leak_dir is None, env=self.env)
         except subprocess.TimeoutExpired as exc:
             return -1, (exc.output or b"").decode(errors="replace") + f"\n(the exec ran past {timeout:.0f} s)"
         return result.returncode, result.stdout.decode(errors="replace")
 
     def exec_interactive(self, container_id: str, argv: list[str]) -> subprocess.Popen:
         return subprocess.Popen(self.command("exec", container_id, *argv), stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=self.preexec)
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=self.preexec, env=self.env)
 
     def delete(self, container_id: str) -> str | None:
         """`delete --force`; the error, if it failed."""
         result = subprocess.run(self.command("delete", "--force", container_id), stdin=subprocess.DEVNULL,
-                                capture_output=True, timeout=120, preexec_fn=self.preexec)
+                                capture_output=True, timeout=120, preexec_fn=self.preexec, env=self.env)
         if result.returncode != 0:
             return result.stderr.decode(errors="replace").strip()[-500:]
         return None
+
+
+def runsc_env(candidates: tuple[str, ...] = SANDBOX_TMPDIRS) -> dict[str, str]:
+    """runsc's environment: TMPDIR a directory its sandbox process can reach."""
+    refused = []
+    for candidate in candidates:
+        path = tempfile.gettempdir() if candidate == "TMPDIR" else candidate
+        blocker = unsearchable_above(path)
+        if blocker is None:
+            return dict(os.environ, TMPDIR=path)
+        refused.append(f"{path} ({blocker})")
+    raise HarnessError("runsc builds its sandbox's root over TMPDIR, which its sandbox process (unprivileged) "
+                       "must reach through directories others can search: " + "; ".join(refused))
+
+
+def unsearchable_above(path: str) -> str | None:
+    """Why a process that cannot override permissions cannot reach `path`, or None."""
+    real = Path(os.path.realpath(path))
+    if not real.is_dir():
+        return "not a directory"
+    for parent in real.parents:
+        try:
+            mode = parent.stat().st_mode
+        except OSError as exc:
+            return f"{parent}: {exc.strerror}"
+        if not mode & stat.S_IXOTH:
+            return f"{parent} is mode {stat.S_IMODE(mode):04o}, not searchable by others"
+    return None
 
 
 def _fd3_on(directory: Path, then):

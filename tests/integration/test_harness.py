@@ -172,6 +172,28 @@ def test_the_posture_probes_say_what_crun_holds(tmp_path):
     assert all("container init" in r["evidence"] for r in found.values())
 
 
+@pytest.mark.skipif(shutil.which("runsc") is None, reason="runsc is not installed (Debian package runsc)")
+def test_the_posture_probes_say_what_runsc_holds(tmp_path):
+    """For runsc the process that holds the boundary is its sandbox: nobody,
+    with no_new_privs and a seccomp filter in a root of its own, but with
+    CAP_SYS_ADMIN and CAP_SYS_CHROOT and the host's pid namespace (the ptrace
+    platform traces from there). The TMPDIR that harness() gives it lies under
+    pytest's 0700 /tmp/pytest-of-root, which the sandbox process cannot pass."""
+    found = by_name(harness(tmp_path, "--runtime", "runsc", "--probe", *POSTURE))
+    assert list(found) == POSTURE
+    assert {name: r["result"] for name, r in found.items()} == {
+        "vmm-uid": "held", "vmm-capabilities": "broke", "vmm-no-new-privs": "held", "vmm-seccomp": "held",
+        "vmm-namespaces": "broke", "vmm-root": "held"}
+    assert all("runsc sandbox (pid " in r["evidence"] for r in found.values())
+    assert "uid 65534/65534/65534/65534" in found["vmm-uid"]["evidence"]
+    effective = int(found["vmm-capabilities"]["evidence"].split("CapEff ")[1].split(",")[0], 16)
+    cap_sys_chroot, cap_sys_admin = 1 << 18, 1 << 21
+    assert effective & cap_sys_admin and effective & cap_sys_chroot
+    assert "NoNewPrivs 1" in found["vmm-no-new-privs"]["evidence"]
+    assert "Seccomp 2 " in found["vmm-seccomp"]["evidence"]
+    assert "shares the pid namespace" in found["vmm-namespaces"]["evidence"]
+
+
 # -- positive controls: every probe must break in its own
 
 
