@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from .common import GENERIC, Peers, summary
+from .common import GENERIC, NOFORK, NOFORK_ENV, Peers, summary
 
 # (phase, from-event, to-event), in order; "spawn" and "exit" are the bench's own clock.
 PHASES = [
@@ -62,7 +62,7 @@ def read_timing(log: Path, offset: int) -> tuple[list[dict], int]:
 # A start from the pool: no QEMU is launched; the owner claims a booted VM.
 POOL_PHASES = [
     ("cli (python, imports)", "spawn", "cli_run"),
-    ("owner process up (python, imports)", "cli_run", "owner_started"),
+    ("owner process up (forked; a new interpreter with KATA_PY_FORK=off)", "cli_run", "owner_started"),
     ("pooled VM claimed", "owner_started", "vm_claimed"),
     ("agent connected", "vm_claimed", "agent_ready"),
 ] + PHASES[next(i for i, (_, start, _) in enumerate(PHASES) if start == "agent_ready"):]
@@ -106,10 +106,12 @@ def measure(peers: Peers, image, accel: str, bundle: Path, runs: int, generic_im
     if generic_image is not None and peers.available.get(GENERIC) == "":
         floors["floor-generic"] = generic_image
         names += ["floor-generic", GENERIC]
+    if peers.available.get("kata-py") == "":
+        names.append(NOFORK)
     wall = {name: [] for name in names}
     cpu = {name: [] for name in names}
     breakdown: list[dict] = []
-    offset = peers.log.stat().st_size if peers.log.exists() else 0
+    nofork_breakdown: list[dict] = []
     for round_no in range(runs):
         # Rotate the order each round, so no runtime always follows the same one.
         order = names[round_no % len(names):] + names[:round_no % len(names)]
@@ -126,22 +128,26 @@ def measure(peers: Peers, image, accel: str, bundle: Path, runs: int, generic_im
                                  + (after.children_system - before.children_system))
                 continue
             container_id = f"cold-{name}-{os.getpid()}-{round_no}"
+            runtime = "kata-py" if name == NOFORK else name
+            offset = peers.log.stat().st_size if peers.log.exists() else 0
             spawn = time.time()
-            result = peers.run(name, bundle, container_id)
+            if name == NOFORK:
+                result = peers.run("kata-py", bundle, container_id, env=dict(os.environ, **NOFORK_ENV))
+            else:
+                result = peers.run(name, bundle, container_id)
             end = time.time()
-            if name in ("kata-py", GENERIC):
-                peers.wait_deleted(name, container_id)
+            if runtime in ("kata-py", GENERIC):
+                peers.wait_deleted(runtime, container_id)
             if result.returncode != 0:
-                peers.delete(name, container_id)
+                peers.delete(runtime, container_id)
                 raise RuntimeError(f"{name} run failed ({result.returncode}): "
                                    f"{result.stderr.decode(errors='replace')[-500:]}")
             wall[name].append(result.wall)
             cpu[name].append(result.cpu)
-            if name == "kata-py":
-                records, offset = read_timing(peers.log, offset)
-                phases = phases_of(records, spawn, end)
+            if name in ("kata-py", NOFORK):
+                phases = phases_of(read_timing(peers.log, offset)[0], spawn, end)
                 if phases is not None:
-                    breakdown.append(phases)
+                    (breakdown if name == "kata-py" else nofork_breakdown).append(phases)
     out = {"runs": runs, "order": "rotated each round", "wall_s": {n: summary(v) for n, v in wall.items()},
            "cpu_s": {n: summary(v) for n, v in cpu.items()}}
     if "kata-py" in wall:
@@ -151,6 +157,10 @@ def measure(peers: Peers, image, accel: str, bundle: Path, runs: int, generic_im
         out["kata_py_over_generic"] = round(out["wall_s"]["kata-py"]["median"] / out["wall_s"][GENERIC]["median"], 3)
         out["floor_over_generic_floor"] = round(out["wall_s"]["floor"]["median"]
                                                 / out["wall_s"]["floor-generic"]["median"], 3)
+    if NOFORK in wall:
+        out["kata_py_over_nofork"] = round(out["wall_s"]["kata-py"]["median"] / out["wall_s"][NOFORK]["median"], 3)
     if breakdown:
         out["kata_py_phases_s"] = phase_summary(breakdown, PHASES)
+    if nofork_breakdown:
+        out["nofork_phases_s"] = phase_summary(nofork_breakdown, PHASES)
     return out

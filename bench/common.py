@@ -29,6 +29,11 @@ RUNTIMES = ("kata-py", "runc", "crun", "runsc")
 # beside kata-py where the kernel is the lever (cold start, memory).
 GENERIC = "kata-py-generic"
 GENERIC_ENV = {"KATA_PY_GUEST_KERNEL": "debian"}
+# kata-py with its helpers started as new interpreters (KATA_PY_FORK=off): the
+# owner, the exec relay and the jail's launcher as before they were forked.
+# Same image, root and log as kata-py, in the same rounds.
+NOFORK = "kata-py-nofork"
+NOFORK_ENV = {"KATA_PY_FORK": "off"}
 # runsc on this host: ptrace is the platform that works without KVM, and its
 # netstack needs CAP_NET_ADMIN setups we do not want: no network.
 RUNSC_FLAGS = ["--network=none", "--platform=ptrace"]

@@ -16,9 +16,10 @@ import time
 from pathlib import Path
 
 from .coldstart import POOL_PHASES, phase_summary, phases_of, read_timing
-from .common import KATA, Peers, summary
+from .common import KATA, NOFORK_ENV, Peers, summary
 
 POOLED_MARK = "using pooled VM"
+NOFORK_POOL = "kata-py (pool, KATA_PY_FORK=off)"   # the owner a new interpreter, as before it was forked
 REFILL_TIMEOUT = 300.0
 
 
@@ -48,11 +49,10 @@ def measure(peers: Peers, bundle: Path, runs: int, size: int, memory_mib: int = 
     if started.returncode != 0:
         return {"available": False,
                 "note": "kata-py factory start failed: " + started.stderr.decode(errors="replace").strip()[-300:]}
-    names = ["kata-py (pool)"] + (["runsc"] if "runsc" in peers.usable() else [])
+    names = ["kata-py (pool)", NOFORK_POOL] + (["runsc"] if "runsc" in peers.usable() else [])
     wall = {name: [] for name in names}
     pooled = 0
-    breakdown = []
-    offset = peers.log.stat().st_size if peers.log.exists() else 0
+    breakdown = {name: [] for name in names[:2]}
     try:
         for round_no in range(runs):
             order = names[round_no % len(names):] + names[:round_no % len(names)]
@@ -64,24 +64,27 @@ def measure(peers: Peers, bundle: Path, runs: int, size: int, memory_mib: int = 
                     _wait_full(env)
                     offset = peers.log.stat().st_size if peers.log.exists() else 0
                     spawn = time.time()
-                    result = peers.run("kata-py", bundle, container_id, env=env)
+                    result = peers.run("kata-py", bundle, container_id,
+                                       env=dict(env, **NOFORK_ENV) if name == NOFORK_POOL else env)
                     end = time.time()
                     peers.wait_deleted("kata-py", container_id)
                     text = peers.log.read_bytes()[offset:].decode(errors="replace")
                     pooled += POOLED_MARK in text
-                    records, offset = read_timing(peers.log, offset)
-                    phases = phases_of(records, spawn, end, POOL_PHASES)
+                    phases = phases_of(read_timing(peers.log, offset)[0], spawn, end, POOL_PHASES)
                     if phases is not None:
-                        breakdown.append(phases)
+                        breakdown[name].append(phases)
                 if result.returncode != 0:
                     raise RuntimeError(f"{name} run failed: {result.stderr.decode(errors='replace')[-300:]}")
                 wall[name].append(result.wall)
     finally:
         _factory(env, "stop")
-    out = {"available": True, "pool_size": size, "memory_mib": memory_mib, "runs": runs,
+    out = {"available": True, "pool_size": size, "memory_mib": memory_mib, "runs": runs * 2,
            "runs_that_used_a_pooled_vm": pooled, "wall_s": {n: summary(v) for n, v in wall.items()}}
-    if breakdown:
-        out["kata_py_phases_s"] = phase_summary(breakdown, POOL_PHASES)
+    if breakdown["kata-py (pool)"]:
+        out["kata_py_phases_s"] = phase_summary(breakdown["kata-py (pool)"], POOL_PHASES)
+    if breakdown[NOFORK_POOL]:
+        out["nofork_phases_s"] = phase_summary(breakdown[NOFORK_POOL], POOL_PHASES)
+    out["pool_over_nofork"] = round(out["wall_s"]["kata-py (pool)"]["median"] / out["wall_s"][NOFORK_POOL]["median"], 3)
     if "runsc" in wall and wall["runsc"]:
         out["pool_over_runsc"] = round(out["wall_s"]["kata-py (pool)"]["median"] / out["wall_s"]["runsc"]["median"], 3)
     return out

@@ -10,8 +10,12 @@ def _cell(s: dict | None, unit: str = "", digits: int = 3) -> str:
     return f"{fmt.format(s['median'])}{unit} ({fmt.format(s['min'])}–{fmt.format(s['max'])})"
 
 
-def _phase_table(title: str, phases: dict) -> list[str]:
-    return ["", title, "", "| phase | s |", "|---|---|"] + [f"| {name} | {_cell(s)} |" for name, s in phases.items()]
+def _phase_table(title: str, phases: dict, beside: dict | None = None, beside_name: str = "") -> list[str]:
+    """Seconds per phase; with `beside`, a second column (a variant's phases)."""
+    if beside is None:
+        return ["", title, "", "| phase | s |", "|---|---|"] + [f"| {name} | {_cell(s)} |" for name, s in phases.items()]
+    return ["", title, "", f"| phase | s | {beside_name} s |", "|---|---|---|"] + [
+        f"| {name} | {_cell(s)} | {_cell(beside.get(name))} |" for name, s in phases.items()]
 
 
 def targets(results: dict) -> list[dict]:
@@ -135,7 +139,7 @@ def markdown(results: dict) -> str:
         lines += ["## Cold start: `run` of /bin/true", "",
                   f"{cold['runs']} runs each, interleaved (order rotated each round).", "",
                   "| runtime | wall s | CPU s (whole process tree) |", "|---|---|---|"]
-        for name in ["floor", "kata-py", "floor-generic", "kata-py-generic", "runc", "crun", "runsc"]:
+        for name in ["floor", "kata-py", "kata-py-nofork", "floor-generic", "kata-py-generic", "runc", "crun", "runsc"]:
             if name in cold["wall_s"]:
                 lines.append(f"| {name} | {_cell(cold['wall_s'][name])} | {_cell(cold['cpu_s'][name])} |")
             elif peers.get(name):
@@ -148,9 +152,14 @@ def markdown(results: dict) -> str:
                           "userland as an initramfs, in the same rounds. kata-py / kata-py-generic: "
                           f"**{cold['kata_py_over_generic']}×**; floor / floor-generic: "
                           f"{cold['floor_over_generic_floor']}×."]
+        if "kata_py_over_nofork" in cold:
+            lines += ["", "`kata-py-nofork`: the same with `KATA_PY_FORK=off` (the owner and the jail's launcher "
+                          "started as new Python interpreters instead of forked), in the same rounds. kata-py / "
+                          f"kata-py-nofork: **{cold['kata_py_over_nofork']}×**."]
         if "kata_py_phases_s" in cold:
             lines += _phase_table("kata-py `run` by phase (s; guest times placed on the host clock by the agent's "
-                                  "uptime in its ping reply):", cold["kata_py_phases_s"])
+                                  "uptime in its ping reply):", cold["kata_py_phases_s"],
+                                  cold.get("nofork_phases_s"), "`KATA_PY_FORK=off`")
         lines.append("")
     execio = results.get("execio")
     if execio:
@@ -206,8 +215,12 @@ def markdown(results: dict) -> str:
             lines += [f"Pool of {pool['pool_size']} × {pool['memory_mib']} MiB; {pool['runs_that_used_a_pooled_vm']} of "
                       f"{pool['runs']} runs used a pooled VM.", "", "| runtime | `run` /bin/true wall s |", "|---|---|"]
             lines += [f"| {n} | {_cell(s)} |" for n, s in pool["wall_s"].items()]
+            if "pool_over_nofork" in pool:
+                lines += ["", "`KATA_PY_FORK=off`: the owner started as a new Python interpreter instead of forked "
+                              f"from the CLI, in the same rounds; forked / not: **{pool['pool_over_nofork']}×**."]
             if "kata_py_phases_s" in pool:
-                lines += _phase_table("kata-py `run` from the pool by phase (s):", pool["kata_py_phases_s"])
+                lines += _phase_table("kata-py `run` from the pool by phase (s):", pool["kata_py_phases_s"],
+                                      pool.get("nofork_phases_s"), "`KATA_PY_FORK=off`")
             lines.append("")
     if results.get("pods"):
         lines += _pods(results["pods"])
