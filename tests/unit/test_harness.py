@@ -20,17 +20,6 @@ from kata_py.harness.probe import BROKE, END, HELD, INCONCLUSIVE, Output, one_li
 from kata_py.harness.runner import decide, parse_batch
 
 
-@pytest.fixture
-def host(tmp_path):
-    rootfs = tmp_path / "bundle" / "rootfs"
-    rootfs.mkdir(parents=True)
-    side = HostSide(rootfs)
-    yield side
-    side.close()
-    assert sorted(p.name for p in rootfs.iterdir()) == [], "the harness left files in the rootfs"
-    assert sorted(p.name for p in rootfs.parent.iterdir()) == ["rootfs"], "the harness left canaries beside it"
-
-
 def out(text: str, status: int | None = 0, ended: bool = True) -> Output:
     """What a probe printed; `ended`: it reached its end marker."""
     return Output(text=text + (f"{END}\n" if ended else ""), status=status, ran=True)

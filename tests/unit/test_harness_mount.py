@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from kata_py.harness import catalog, controls, mount_probes
-from kata_py.harness.host import HostSide
 from kata_py.harness.mount_probes import FOLLOW_ON_HOST, NAME, MountRace
 from kata_py.harness.probe import BROKE, END, HELD, INCONCLUSIVE, MISSING_EVIDENCE, Output, SkipProbe
 from kata_py.harness.runner import decide
@@ -54,17 +53,6 @@ class RecordingRuntime:
         if (self.root / container_id).exists():
             (self.root / container_id).rmdir()
         return None
-
-
-@pytest.fixture
-def host(tmp_path):
-    rootfs = tmp_path / "bundle" / "rootfs"
-    rootfs.mkdir(parents=True)
-    side = HostSide(rootfs)
-    yield side
-    side.close()
-    assert sorted(p.name for p in rootfs.iterdir()) == [], "the harness left files in the rootfs"
-    assert sorted(p.name for p in rootfs.parent.iterdir()) == ["rootfs"], "the harness left files beside it"
 
 
 def prepared(host, runtime=None) -> MountRace:
