@@ -150,3 +150,57 @@ def fork_enabled() -> bool:
     launcher) are forked from the process that has their code imported
     already; KATA_PY_FORK=off starts each as a new interpreter instead."""
     return os.environ.get("KATA_PY_FORK", "on") != "off"
+
+
+class ForkedChild:
+    """The part of subprocess.Popen its callers use (pid, returncode, poll,
+    wait, send_signal, kill), for a child of ours that Popen did not start:
+    a forked helper, or one cloned into its jail with CLONE_PARENT."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def _reaped(self, status: int) -> int:
+        self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                return self.returncode
+            if pid:
+                self._reaped(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Its exit status; subprocess.TimeoutExpired if it runs past `timeout`."""
+        import subprocess
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is None:
+                try:
+                    self._reaped(os.waitpid(self.pid, 0)[1])
+                except InterruptedError:
+                    continue
+                except ChildProcessError:
+                    self.returncode = 0     # reaped by someone else: its status is lost
+                break
+            if time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
+            time.sleep(0.01)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signum)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)

@@ -21,57 +21,16 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
 import traceback
 
 from .. import hostsys
+from ..hostsys import ForkedChild
 
 def fork_wanted() -> bool:
     return hostsys.fork_enabled() and threading.active_count() == 1
-
-
-class ForkedChild:
-    """What the callers of spawn_reporting use of a Popen, for a forked child."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.returncode: int | None = None
-
-    def _reaped(self, status: int) -> int:
-        self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:
-                return self.returncode
-            if pid:
-                self._reaped(status)
-        return self.returncode
-
-    def wait(self) -> int:
-        while self.returncode is None:
-            try:
-                _, status = os.waitpid(self.pid, 0)
-            except InterruptedError:
-                continue
-            except ChildProcessError:
-                self.returncode = 0 if self.returncode is None else self.returncode
-                break
-            self._reaped(status)
-        return self.returncode
-
-    def send_signal(self, signum: int) -> None:
-        if self.poll() is None:
-            os.kill(self.pid, signum)
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
 
 
 def start(argv: list[str], pass_fds: tuple[int, ...], preexec_fn=None) -> subprocess.Popen | ForkedChild:

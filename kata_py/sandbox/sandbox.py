@@ -19,6 +19,7 @@ from pathlib import Path
 from .. import config as kata_config
 from .. import paths
 from ..errors import AgentError, KataError, VMLaunchError, VsockError
+from ..vmm import jail
 from ..vmm.cmdline import VMConfig
 from ..vmm.host_cgroup import HostLimits
 from ..vmm.machine import QemuMachine, tail
@@ -26,6 +27,7 @@ from ..vmm.probe import choose_accel
 from ..vmm.virtiofsd import STOP_TIMEOUT as FS_STOP_TIMEOUT
 from ..vmm.virtiofsd import VirtioFsDaemon
 from ..vsock.transport import VsockTransport, choose_transport
+from . import vsock_jail
 from .agent_client import AgentClient
 
 log = logging.getLogger(__name__)
@@ -129,7 +131,7 @@ class Sandbox:
                 self.run_dir = Path(tempfile.mkdtemp(prefix="vm-", dir=base))
             accel = self.accel or choose_accel(self.image.kernel, self.image.floor_initrd, paths.state_dir()).accel
             self.transport = choose_transport(self.run_dir)
-            self.transport.start()
+            self.transport.start(launch=vsock_jail.launch if jail.enabled() else None)
             config = VMConfig(kernel=self.image.kernel, initrd=self.image.initrd, rootfs=self.image.rootfs,
                               console_log=self.run_dir / "console.log", memory_mib=self.memory_mib,
                               cpus=self.cpus, accel=accel, machine=self.machine_type,

@@ -81,6 +81,7 @@ CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
 CLONE_PARENT = 0x00008000
 SYS_CLONE = 56
 SYS_PIVOT_ROOT = 155
@@ -550,6 +551,13 @@ def drop_privileges(uid: int, sys_: Syscalls) -> None:
 
 def become_qemu(spec: JailSpec, sys_: Syscalls) -> None:
     """The clone's life: set up the jail and exec QEMU (returns only on error)."""
+    enter_jail(spec, sys_)
+    sys_.execv(spec.binary, spec.argv)
+
+
+def enter_jail(spec: JailSpec, sys_: Syscalls) -> None:
+    """In the clone: its root, its hostname, its uid and no privileges; and
+    gone if the owner is."""
     uid = jail_id(sys_.host_pid())
     old = sys_.umask(0o022)
     build_root(spec, uid, sys_)
@@ -564,7 +572,25 @@ def become_qemu(spec: JailSpec, sys_: Syscalls) -> None:
     if sys_.owner_gone():
         raise JailError("the VM's owner exited")
     sys_.umask(old)
-    sys_.execv(spec.binary, spec.argv)
+
+
+JAIL_NAMESPACES = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
+
+
+def clone_parent(namespaces: int) -> int:
+    """clone(2) with CLONE_PARENT into new `namespaces`: the clone is our
+    parent's child (0 here in the clone, its pid in the caller). The clone
+    gets SIGKILL if that parent dies while it sets up (again after setuid,
+    which clears it). OSError when the kernel refuses."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    pid = libc.syscall(SYS_CLONE, ctypes.c_ulong(CLONE_PARENT | namespaces | signal.SIGCHLD), None, None, None, None)
+    if pid < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"clone: {os.strerror(err)}")
+    if pid == 0:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    return pid
 
 
 def main(argv: list[str]) -> int:
@@ -573,22 +599,18 @@ def main(argv: list[str]) -> int:
         spec = JailSpec(**json.loads(f.read()))
     os.set_inheritable(report_fd, False)
     owner = os.pidfd_open(os.getppid())
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    flags = CLONE_PARENT | CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | signal.SIGCHLD
-    pid = libc.syscall(SYS_CLONE, ctypes.c_ulong(flags), None, None, None, None)
+    try:
+        pid = clone_parent(JAIL_NAMESPACES)
+    except OSError as exc:
+        os.write(2, f"kata-py jail: {exc.strerror}\n".encode())
+        return 1
     if pid == 0:
         try:
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)     # for the set-up; again after setuid
             os.close(report_fd)
             become_qemu(spec, Syscalls(owner))     # the pidfd is close-on-exec
         except BaseException as exc:
             os.write(2, f"kata-py jail: {exc}\n".encode())
         os._exit(1)
-    if pid < 0:
-        err = ctypes.get_errno()
-        os.write(2, f"kata-py jail: clone: {os.strerror(err)}\n".encode())
-        return 1
     os.write(report_fd, f"{pid}\n".encode())
     return 0
 

@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="hybrid socket path; guest connects to port P reach <path>_P")
     ap.add_argument("--guest-cid", type=int, default=3)
     ap.add_argument("--max-connections", type=int, default=1024)
+    ap.add_argument("--broker-fd", type=int,
+                    help="a socket to a broker outside this process's jail that connects to the host services")
     args = ap.parse_args(argv)
     if not 3 <= args.guest_cid < 0xFFFFFFFF:
         ap.error("--guest-cid must be in 3..2^32-2")
@@ -51,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     backend = Backend(vhost, uds, args.uds_path, args.guest_cid, log=RateLimitedLog(sys.stderr),
                       max_connections=args.max_connections)
     backend.parent_pid = os.getppid()
+    if args.broker_fd is not None:
+        backend.broker = socket.socket(fileno=args.broker_fd)
     backend.install_signal_handlers()
     return backend.run()
 

@@ -102,6 +102,8 @@ class Backend:
         self.tx_more = False
         # Set by the entry point: with no QEMU attached, nothing else would end us.
         self.parent_pid: int | None = None
+        # Set by the entry point in a jail: host services are reached through it.
+        self.broker: socket.socket | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         for s in (vhost_listener, uds_listener, self._wake_r, self._wake_w):
             s.setblocking(False)
@@ -401,7 +403,10 @@ class Backend:
     # -- host sockets ------------------------------------------------------
 
     def _connect_service(self, port: int, conn: Connection) -> bool:
-        sock = hybrid.connect_service(self.uds_path, port)
+        if self.broker is not None:
+            sock = hybrid.connect_through(self.broker, port)
+        else:
+            sock = hybrid.connect_service(self.uds_path, port)
         if sock is None:
             self.log(f"guest connect to host port {port}: nobody listens at "
                      f"{hybrid.service_path(self.uds_path, port)}")

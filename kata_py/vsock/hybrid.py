@@ -10,8 +10,10 @@ socket `<uds_path>_P`; if nothing listens there, the guest gets RST.
 from __future__ import annotations
 
 import errno
+import os
 import re
 import socket
+import struct
 import time
 
 MAX_LINE = 64
@@ -87,6 +89,40 @@ class PendingClient:
 
 def service_path(uds_path: str, port: int) -> str:
     return f"{uds_path}_{port}"
+
+
+# A back end in a jail reaches the host services through a broker outside it
+# (kata_py/sandbox/vsock_jail.py): it sends the port, 4 bytes, and gets the
+# port back with the connected socket as an fd, or the port alone if nobody
+# listens. The broker connects to service_path() only: the port is all the
+# back end can choose.
+BROKER_REQUEST = struct.Struct("<I")
+BROKER_TIMEOUT = 1.0
+
+
+def connect_through(broker: socket.socket, port: int) -> socket.socket | None:
+    """connect_service() by way of the broker; None if nobody listens or the
+    broker did not answer within BROKER_TIMEOUT."""
+    deadline = time.monotonic() + BROKER_TIMEOUT
+    try:
+        broker.settimeout(BROKER_TIMEOUT)
+        broker.send(BROKER_REQUEST.pack(port))
+        while True:
+            broker.settimeout(max(0.001, deadline - time.monotonic()))
+            data, fds, _, _ = socket.recv_fds(broker, BROKER_REQUEST.size, 1)
+            if not data:
+                return None
+            if len(data) == BROKER_REQUEST.size and BROKER_REQUEST.unpack(data)[0] == port:
+                break
+            for fd in fds:      # the late answer to an earlier request that timed out
+                os.close(fd)
+    except OSError:
+        return None
+    if not fds:
+        return None
+    sock = socket.socket(fileno=fds[0])
+    sock.setblocking(False)
+    return sock
 
 
 def connect_service(uds_path: str, port: int) -> socket.socket | None:

@@ -29,7 +29,7 @@ VHOST_VSOCK_DEV = "/dev/vhost-vsock"
 class VsockTransport(Protocol):
     name: str
 
-    def start(self) -> None: ...
+    def start(self, launch=None) -> None: ...
 
     def alive(self) -> bool: ...
 
@@ -78,7 +78,11 @@ class HybridVsock:
         except OSError as e:
             raise VsockError(f"cannot listen on {path}: {e}") from None
 
-    def start(self) -> None:
+    def start(self, launch=None) -> None:
+        """Listen, and start the back end on the listeners: `launch(args,
+        fds, log_path)` starts it (kata_py.sandbox.vsock_jail: forked into
+        a jail) and returns a Popen-like handle; without it, `python -m
+        kata_py.vsock` as a plain child."""
         if self.proc is not None:
             raise VsockError("vsock back end already started")
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -89,18 +93,20 @@ class HybridVsock:
             vhost.close()
             self.vhost_socket.unlink(missing_ok=True)
             raise
-        env = dict(os.environ)
-        pkg_root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"]
-                                        if env.get("PYTHONPATH") else "")
-        argv = [sys.executable, "-m", "kata_py.vsock",
-                "--vhost-fd", str(vhost.fileno()), "--uds-fd", str(uds.fileno()),
+        args = ["--vhost-fd", str(vhost.fileno()), "--uds-fd", str(uds.fileno()),
                 "--uds-path", os.fspath(self.uds_path), "--guest-cid", str(self.guest_cid)]
         try:
-            with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen(
-                    argv, pass_fds=(vhost.fileno(), uds.fileno()), stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL, stderr=log, env=env, close_fds=True)
+            if launch is not None:
+                self.proc = launch(args, (vhost.fileno(), uds.fileno()), self.log_path)
+            else:
+                env = dict(os.environ)
+                pkg_root = str(Path(__file__).resolve().parents[2])
+                env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"]
+                                                if env.get("PYTHONPATH") else "")
+                with open(self.log_path, "ab") as log:
+                    self.proc = subprocess.Popen(
+                        [sys.executable, "-m", "kata_py.vsock", *args], pass_fds=(vhost.fileno(), uds.fileno()),
+                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, env=env, close_fds=True)
         except OSError as e:
             self._unlink()
             raise VsockError(f"cannot start the vsock back end: {e}") from None
@@ -127,6 +133,9 @@ class HybridVsock:
                 proc.wait()
         elif proc is not None:
             proc.wait()
+        release = getattr(proc, "release", None)   # what a launched back end holds here (its broker)
+        if release is not None:
+            release()
         self._unlink()
 
     def alive(self) -> bool:
@@ -257,7 +266,7 @@ class KernelVsock:
             raise ValueError(f"guest cid {guest_cid} out of range")
         self.guest_cid = guest_cid
 
-    def start(self) -> None:
+    def start(self, launch=None) -> None:
         """Nothing to start: QEMU opens /dev/vhost-vsock itself."""
 
     def alive(self) -> bool:

@@ -105,7 +105,7 @@ def vm_process(monitor: int, which: str) -> int | None:
         argv = cmdline.split(b"\0")
         if which == "qemu" and b"qemu-system" in argv[0] and b"vhost-user-vsock" in cmdline:
             return pid
-        if which == "backend" and b"kata_py.vsock" in argv:
+        if which == "backend" and b"kata_py.vsock" in cmdline:
             return pid
     return None
 

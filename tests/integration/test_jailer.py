@@ -42,6 +42,20 @@ def qemu_of(owner: int) -> int:
     raise AssertionError(f"no QEMU child of the sandbox owner {owner}")
 
 
+def backend_of(owner: int) -> int:
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            continue
+        if parent == owner and b"-m kata_py.vsock " in cmdline:
+            return int(entry)
+    raise AssertionError(f"no vsock back end child of the sandbox owner {owner}")
+
+
 def argv_of(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
 
@@ -55,7 +69,8 @@ def box(tmp_path_factory):
     owner = int((base / "pid").read_text())
     state = json.loads((root / "box" / "state.json").read_text())
     qemu = qemu_of(owner)
-    yield {"root": root, "owner": owner, "qemu": qemu, "run_dir": Path(state["run_dir"]), "base": base}
+    yield {"root": root, "owner": owner, "qemu": qemu, "backend": backend_of(owner), "run_dir": Path(state["run_dir"]),
+           "base": base}
     if (root / "box").exists():
         cli(root, "delete", "--force", "box")
     assert_nothing_left(root)
@@ -131,6 +146,31 @@ def test_qemus_root_holds_only_what_the_vm_needs(box):
     assert "rw" in by_point[str(run_dir / "console.log")]
     # Everything it talks to arrived as a file descriptor.
     assert not any("path=" in arg for arg in argv if arg.startswith("socket,"))
+
+
+def test_the_vsock_back_end_is_jailed_too(box):
+    """The back end maps the guest's RAM and parses its virtqueues: an
+    unprivileged uid of its own, no capabilities, no_new_privs, pid 1 of its
+    own pid namespace (the owner's child), new mount, ipc, uts and network
+    namespaces, and an empty read-only root; and it serves the container."""
+    backend = box["backend"]
+    status = status_of(backend)
+    uids, gids = status["Uid"].split(), status["Gid"].split()
+    assert set(uids) == set(gids) == {str(jail.jail_id(backend))}, (uids, gids)
+    assert status["Groups"] == ""
+    for key in ("CapEff", "CapPrm", "CapBnd", "CapInh", "CapAmb"):
+        assert int(status[key], 16) == 0, (key, status[key])
+    assert status["NoNewPrivs"] == "1"
+    assert status["NSpid"].split()[-1] == "1" and int(status["PPid"]) == box["owner"]
+    for ns in (*NAMESPACES, "net"):
+        assert os.readlink(f"/proc/{backend}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
+    root = Path(f"/proc/{backend}/root")
+    assert os.stat(f"{root}/").st_ino != os.stat("/").st_ino or os.stat(f"{root}/").st_dev != os.stat("/").st_dev
+    assert sorted(p.name for p in root.iterdir()) == ["dev"] and list((root / "dev").iterdir()) == []
+    mounts = Path(f"/proc/{backend}/mountinfo").read_text().splitlines()
+    assert "ro" in {line.split()[4]: line.split()[5].split(",") for line in mounts}["/"]
+    result = cli(box["root"], "exec", "box", "echo", "through-the-jailed-back-end")
+    assert result.returncode == 0 and result.stdout == b"through-the-jailed-back-end\n", result
 
 
 def test_the_posture_probes_find_this_qemu_and_it_holds(box):
