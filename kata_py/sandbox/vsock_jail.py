@@ -7,8 +7,10 @@ the owner clones it with CLONE_PARENT (the owner's own child, so its pid,
 exit status and signals are the owner's as before) into new pid, mount,
 ipc, uts and network namespaces; it pivots into an empty read-only tmpfs
 on the run directory's `vsock-root`, takes uid and gid `UID_BASE + its
-host pid` with no capability and `no_new_privs`, dies with the owner, and
-only then runs the back end.
+host pid` with no capability and `no_new_privs`, dies with the owner,
+loads a seccomp filter (kata_py/vmm/syscall_filter.py: no namespaces, no
+exec, no mounts, no tracing, no modules, BPF or perf events), and only
+then runs the back end.
 
 It needs nothing by name: its two listening sockets are fds, and the
 guest's memory and eventfds come as fds over the vhost-user connection. A
@@ -33,7 +35,7 @@ from setproctitle import setproctitle
 
 from .. import hostsys
 from ..errors import VsockError
-from ..vmm import jail
+from ..vmm import jail, syscall_filter
 from ..vsock import __main__ as backend
 from ..vsock import hybrid
 
@@ -177,6 +179,7 @@ def _backend(args, root: str, owner: int, report_w: int) -> None:
         setproctitle(" ".join([sys.executable, "-m", "kata_py.vsock", *args]))
         jail.enter_jail(jail.JailSpec(root=root, binary="", argv=[], hostname=HOSTNAME), jail.Syscalls(owner))
         os.close(owner)
+        syscall_filter.install()
         # Its own stderr stream: the owner's (and its lock) stayed with the owner.
         sys.stderr = open(2, "w", buffering=1, closefd=False)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)

@@ -150,7 +150,8 @@ def test_qemus_root_holds_only_what_the_vm_needs(box):
 
 def test_the_vsock_back_end_is_jailed_too(box):
     """The back end maps the guest's RAM and parses its virtqueues: an
-    unprivileged uid of its own, no capabilities, no_new_privs, pid 1 of its
+    unprivileged uid of its own, no capabilities, no_new_privs, its seccomp
+    filter, pid 1 of its
     own pid namespace (the owner's child), new mount, ipc, uts and network
     namespaces, and an empty read-only root; and it serves the container."""
     backend = box["backend"]
@@ -160,7 +161,7 @@ def test_the_vsock_back_end_is_jailed_too(box):
     assert status["Groups"] == ""
     for key in ("CapEff", "CapPrm", "CapBnd", "CapInh", "CapAmb"):
         assert int(status[key], 16) == 0, (key, status[key])
-    assert status["NoNewPrivs"] == "1"
+    assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
     assert status["NSpid"].split()[-1] == "1" and int(status["PPid"]) == box["owner"]
     for ns in (*NAMESPACES, "net"):
         assert os.readlink(f"/proc/{backend}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
