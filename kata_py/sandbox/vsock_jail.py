@@ -114,6 +114,10 @@ class Broker:
             return
         if self.loop is not None and not self.loop.is_closed():
             self.loop.remove_reader(self.sock.fileno())
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)    # wakes a thread blocked in recv (close alone does not)
+        except OSError:
+            pass
         self.sock.close()
 
 
