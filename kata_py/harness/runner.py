@@ -89,6 +89,9 @@ def run_harness(runtime: str = "kata-py", bundle: str | None = None, rootfs: str
             bin_dir = host.install_busybox()
             if control is not None:
                 control.weaken(setup.config, host)
+            note = engine.fit_limits(setup.config)
+            if note is not None:
+                setup.notes.append(note)
             setup.write(bin_dir)
             battery = Battery(engine, host, bin_dir, f"kata-py-harness-{host.token}",
                               leak_dir=host.canary_dir if control is not None and control.leak_fd else None)

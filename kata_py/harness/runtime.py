@@ -27,6 +27,12 @@ FLAGS = {"runsc": ["--network=none", "--platform=ptrace"]}
 # runsc reports only "waiting for sandbox to start: EOF". The first of these
 # that it can reach is its TMPDIR; nothing is written there.
 SANDBOX_TMPDIRS = ("TMPDIR", "/tmp", "/var/tmp")
+# runsc's sandbox lives in the container's host cgroup, where its sentry's
+# threads and, on the ptrace platform, a stub process per guest address space
+# count against the spec's pids limit: at the harness's 128 the sentry
+# panics once the probes have run a few processes ("error initializing first
+# thread: resource temporarily unavailable") and the container is gone.
+PIDS_FLOOR = {"runsc": 1024}
 
 
 class HarnessError(KataError):
@@ -58,6 +64,17 @@ class Runtime:
 
     def command(self, *args: str) -> list[str]:
         return [*self.argv, "--root", str(self.root), *args]
+
+    def fit_limits(self, config: dict) -> str | None:
+        """Raise a pids limit this runtime's own host processes would exhaust;
+        the note that says so, or None."""
+        floor = PIDS_FLOOR.get(self.name)
+        pids = ((config.get("linux") or {}).get("resources") or {}).get("pids") or {}
+        if floor is None or not pids.get("limit") or pids["limit"] >= floor:
+            return None
+        pids["limit"] = floor
+        return (f"pids limit raised to {floor} for {self.name}: its sandbox's own threads and ptrace stubs "
+                "count against it on the host")
 
     def version(self) -> str:
         try:

@@ -412,3 +412,23 @@ def test_only_crun_on_a_hybrid_host_runs_with_the_v2_mount_hidden(monkeypatch, t
     monkeypatch.setattr(hostsys.os.path, "ismount", lambda path: False)
     assert hostsys.crun_preexec("crun") is None  # a pure v2 (or v1) host: crun runs as it is
     assert Runtime("runc", ["runc"], tmp_path / "root").preexec is None
+
+
+def test_runsc_gets_a_pids_limit_its_own_sandbox_does_not_exhaust(tmp_path):
+    """At the harness's 128 runsc's sentry (its threads and ptrace stubs count
+    on the host) panics mid-battery; the limit is raised for it alone, and said."""
+    from kata_py.harness.bundle import PIDS_LIMIT
+    from kata_py.harness.runtime import PIDS_FLOOR, Runtime
+
+    def spec(limit):
+        return {"linux": {"resources": {"pids": {"limit": limit}} if limit else {}}}
+
+    runsc, runc = Runtime("runsc", ["runsc"], tmp_path / "a"), Runtime("runc", ["runc"], tmp_path / "b")
+    config = spec(PIDS_LIMIT)
+    assert "raised to" in runsc.fit_limits(config)
+    assert config["linux"]["resources"]["pids"]["limit"] == PIDS_FLOOR["runsc"] > PIDS_LIMIT
+    config = spec(PIDS_LIMIT)
+    assert runc.fit_limits(config) is None and config["linux"]["resources"]["pids"]["limit"] == PIDS_LIMIT
+    config = spec(4096)
+    assert runsc.fit_limits(config) is None and config["linux"]["resources"]["pids"]["limit"] == 4096
+    assert runsc.fit_limits(spec(None)) is None
