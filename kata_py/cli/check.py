@@ -43,8 +43,10 @@ def host_report() -> dict:
     else:
         report["shared_fs"] = "virtio-9p (built into QEMU), selected by KATA_PY_SHARED_FS or [vm] shared_fs"
     from ..vmm import jail
-    report["qemu_jail"] = ("on: own namespaces, an unprivileged uid, no capabilities, a root of its own"
-                           if jail.enabled() else "off (KATA_PY_JAIL=off): QEMU runs as root in the host's namespaces")
+    report["qemu_jail"] = ("on: own namespaces, an unprivileged uid, no capabilities, a root of its own "
+                           "(QEMU, and the vsock back end under a seccomp filter)"
+                           if jail.enabled() else "off (KATA_PY_JAIL=off): QEMU and the vsock back end run as root "
+                                                  "in the host's namespaces")
     if image is None:
         report["image"] = None
         report["accel"] = {"accel": None, "reason": "no guest image yet to probe with: run `kata-py image build`"}
