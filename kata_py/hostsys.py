@@ -6,6 +6,7 @@ import ctypes
 import os
 import signal
 import socket
+import sys
 
 CLONE_NEWNS = 0x00020000
 MS_RDONLY = 0x1
@@ -127,6 +128,32 @@ def replace_fds_except(keep: set[int]) -> None:
 
 def keep_alive_in_child(*objects) -> None:
     _kept_in_child.extend(objects)
+
+
+def fork_helper() -> int:
+    """os.fork() for a child that stands in for a new process: this
+    process's buffered stdout and stderr are flushed first, else a child
+    that flushes (or drops) its copy of them writes them again."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    return os.fork()
+
+
+def settle_forked_child(keep=(), inherited=(), stdout: int | None = None, stderr: int | None = None) -> None:
+    """In a child from fork_helper(): with `stderr`, stdin on /dev/null,
+    stdout on `stdout` (else /dev/null) and stderr on `stderr`; every fd but
+    stdio, `keep` and `inherited` closed to it (replace_fds_except);
+    `inherited` left inheritable, for what it execs or clones; and the
+    signal state a new interpreter starts with."""
+    if stderr is not None:
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(null if stdout is None else stdout, 1)
+        os.dup2(stderr, 2)
+    replace_fds_except({0, 1, 2, *keep, *inherited})
+    for fd in inherited:
+        os.set_inheritable(fd, True)
+    default_signals()
 
 
 def default_signals() -> None:

@@ -29,6 +29,7 @@ import traceback
 from .. import hostsys
 from ..hostsys import ForkedChild
 
+
 def fork_wanted() -> bool:
     return hostsys.fork_enabled() and threading.active_count() == 1
 
@@ -38,9 +39,7 @@ def start(argv: list[str], pass_fds: tuple[int, ...], preexec_fn=None) -> subpro
     else a new interpreter, as subprocess.Popen(start_new_session=True)."""
     if not fork_wanted() or argv[1:2] != ["-m"]:
         return subprocess.Popen(argv, pass_fds=pass_fds, start_new_session=True, preexec_fn=preexec_fn)
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()      # else the child would write the CLI's buffered output again
-    pid = os.fork()
+    pid = hostsys.fork_helper()
     if pid:
         return ForkedChild(pid)
     _run_child(argv, set(pass_fds), preexec_fn)   # never returns
@@ -52,10 +51,7 @@ def _run_child(argv: list[str], keep: set[int], preexec_fn) -> None:
         os.setsid()
         if preexec_fn is not None:
             preexec_fn()
-        hostsys.replace_fds_except(keep | {0, 1, 2})
-        for fd in keep:
-            os.set_inheritable(fd, True)   # as Popen's pass_fds leaves them
-        hostsys.default_signals()
+        hostsys.settle_forked_child(inherited=keep)     # as Popen's pass_fds leaves them
         _title(argv)
         # The CLI's log handlers are the CLI's: the module sets up its own.
         hostsys.keep_alive_in_child(*logging.root.handlers)

@@ -68,12 +68,14 @@ class Broker:
         try:
             self.loop = asyncio.get_running_loop()
         except RuntimeError:
-            threading.Thread(target=self._serve_blocking, name="vsock-broker", daemon=True).start()
+            threading.Thread(target=self._serve, name="vsock-broker", daemon=True).start()
         else:
             sock.setblocking(False)
             self.loop.add_reader(sock.fileno(), self._serve)
 
     def _serve(self) -> None:
+        """Answer the requests there are (on the event loop), or all of them,
+        blocking, until the back end is gone (on the broker's thread)."""
         while self.sock.fileno() >= 0:
             try:
                 request = self.sock.recv(hybrid.BROKER_REQUEST.size)
@@ -83,17 +85,6 @@ class Broker:
                 request = b""
             if not request:
                 self.close()    # the back end is gone
-                return
-            self._answer(request)
-
-    def _serve_blocking(self) -> None:
-        while True:
-            try:
-                request = self.sock.recv(hybrid.BROKER_REQUEST.size)
-            except OSError:
-                return
-            if not request:
-                self.sock.close()
                 return
             self._answer(request)
 
@@ -131,10 +122,8 @@ def launch(args: list[str], fds: tuple[int, ...], log_path: Path) -> JailedBacke
     args = [*args, "--broker-fd", str(theirs.fileno())]
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()      # else the child would write the owner's buffered output again
     try:
-        launcher = os.fork()
+        launcher = hostsys.fork_helper()
         if launcher == 0:
             _launcher(args, (*fds, theirs.fileno()), log_fd, report_w, str(root))    # never returns
         os.close(report_w)
@@ -156,12 +145,7 @@ def _launcher(args, fds, log_fd: int, report_w: int, root: str) -> None:
     """The forked launcher: clone the back end, report its pid, exit."""
     code = 1
     try:
-        null = os.open(os.devnull, os.O_RDWR)
-        os.dup2(null, 0)
-        os.dup2(null, 1)
-        os.dup2(log_fd, 2)
-        hostsys.replace_fds_except({0, 1, 2, report_w, *fds})
-        hostsys.default_signals()
+        hostsys.settle_forked_child({report_w, *fds}, stderr=log_fd)
         owner = os.pidfd_open(os.getppid())
         pid = jail.clone_parent(NAMESPACES)
         if pid == 0:

@@ -589,7 +589,7 @@ def clone_parent(namespaces: int) -> int:
         err = ctypes.get_errno()
         raise OSError(err, f"clone: {os.strerror(err)}")
     if pid == 0:
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        hostsys.die_with_parent()
     return pid
 
 
@@ -623,7 +623,7 @@ def fork_launcher(spec_fd: int, report_fd: int, pass_fds: list[int], output_fd: 
     It runs only main() and exits, like a preexec_fn of subprocess's (which
     a process with threads runs too): the fds it needs, stdio on /dev/null
     and `output_fd`, its own session, umask 0177, no signal handler of ours."""
-    pid = os.fork()
+    pid = hostsys.fork_helper()
     if pid:
         return pid
     code = 1
@@ -631,14 +631,8 @@ def fork_launcher(spec_fd: int, report_fd: int, pass_fds: list[int], output_fd: 
         os.setsid()
         os.umask(0o177)
         preexec()
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(output_fd, 1)
-        os.dup2(output_fd, 2)
-        hostsys.replace_fds_except({0, 1, 2, spec_fd, report_fd, *pass_fds})
-        for fd in pass_fds:
-            os.set_inheritable(fd, True)    # QEMU inherits them
-        hostsys.default_signals()
+        # QEMU inherits pass_fds
+        hostsys.settle_forked_child({spec_fd, report_fd}, pass_fds, stdout=output_fd, stderr=output_fd)
         code = main([str(spec_fd), str(report_fd)])
     except BaseException as exc:
         try:
