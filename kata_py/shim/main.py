@@ -21,7 +21,9 @@ run directory and host cgroups, its export) and writes a DeleteResponse
 
 The daemon holds the pod (pod.py) in a mount namespace of its own, entered
 before any thread: containers' rootfs mounts and the VM's export binds go
-with it however it ends; its QEMU dies with it (PDEATHSIG).
+with it however it ends; its QEMU dies with it (PDEATHSIG). Its guardian
+(leftovers.py) removes what else the pod left once the daemon has gone,
+killed or not, as `delete` would, had containerd been able to run it.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -40,6 +41,7 @@ import time
 from pathlib import Path
 
 from .. import paths
+from .leftovers import clean_up_pod, pod_dir, serving, shim_dir, socket_path, start_guardian
 
 log = logging.getLogger("kata_py.shim")
 
@@ -98,30 +100,6 @@ def pod_key(namespace: str, pod: str) -> str:
     return hashlib.sha256(f"{namespace}/{pod}".encode()).hexdigest()[:24]
 
 
-def shim_dir() -> Path:
-    return paths.run_dir() / "shim"
-
-
-def socket_path(key: str) -> Path:
-    return shim_dir() / f"{key}.sock"
-
-
-def pod_dir(key: str) -> Path:
-    return shim_dir() / f"pod-{key}"
-
-
-def _serving(path: Path) -> bool:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(2)
-        sock.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        sock.close()
-
-
 # -- start ----------------------------------------------------------------------------
 def start(args: Args) -> str:
     bundle = Path(args.bundle or os.getcwd())
@@ -129,7 +107,7 @@ def start(args: Args) -> str:
     path = socket_path(key)
     address = f"unix://{path}"
     paths.ensure_private_dir(shim_dir())
-    if not _serving(path):
+    if not serving(path):
         _start_daemon(args, key, path)
     try:
         (bundle / "address").write_text(address)
@@ -177,37 +155,12 @@ def delete(args: Args) -> bytes:
 
     bundle = Path(args.bundle or os.getcwd())
     key = pod_key(args.namespace, pod_of(bundle, args.id))
-    if not _serving(socket_path(key)):
+    if not serving(socket_path(key)):
         clean_up_pod(key)
     protos = load()
     reply = protos.shim.DeleteResponse(pid=0, exit_status=128 + signal.SIGKILL)
     reply.exited_at.FromNanoseconds(time.time_ns())
     return reply.SerializeToString()
-
-
-def clean_up_pod(key: str) -> None:
-    """What a dead shim's pod left on the host. Its QEMU died with it; its
-    mounts with its mount namespace."""
-    from ..network import detach_container_recorded
-    from ..sandbox.share import remove_share_dir
-    from ..vmm.host_cgroup import remove_vm_run_dir
-    from .pod import vm_dir
-
-    directory = pod_dir(key)
-    if (directory / "network.json").exists():
-        detach_container_recorded(directory)        # reads <dir>/network.json
-    remove_vm_run_dir(vm_dir(directory, key))
-    remove_share_dir(directory / "share")
-    for leftover in (socket_path(key), shim_dir() / f"{key}.log"):
-        try:
-            leftover.unlink()
-        except FileNotFoundError:
-            pass
-    shutil.rmtree(directory, ignore_errors=True)
-    try:
-        shim_dir().rmdir()      # when no other pod's shim is left in it
-    except OSError:
-        pass
 
 
 # -- the daemon -------------------------------------------------------------------------
@@ -216,8 +169,9 @@ def serve(args: Args) -> int:
 
     logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s shim %(levelname)s %(name)s: %(message)s")
-    enter_private_mount_namespace()     # before any thread exists
     key = args.id
+    start_guardian(key)                 # in the host's mount namespace, as containerd's `delete` runs
+    enter_private_mount_namespace()     # before any thread exists
     directory = pod_dir(key)
     paths.ensure_private_dir(directory)
     try:

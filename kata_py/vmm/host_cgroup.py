@@ -385,11 +385,12 @@ def _enable_controllers(directory: Path) -> None:
             pass        # writing a limit file it lacks says so
 
 
-def remove_vm_run_dir(run_dir: Path) -> None:
-    """What a VM whose QEMU is gone leaves: its run directory (sockets and
-    logs only: its 9p export is elsewhere) and the host cgroups named after it."""
+def remove_vm_run_dir(run_dir: Path, timeout: float = 2.0) -> None:
+    """What a VM whose QEMU is gone (or going: up to `timeout`) leaves: its
+    run directory (sockets and logs only: its 9p export is elsewhere) and
+    the host cgroups named after it."""
     shutil.rmtree(run_dir, ignore_errors=True)
-    remove_host_cgroups(Path(run_dir).name)
+    remove_host_cgroups(Path(run_dir).name, timeout)
 
 
 def remove_host_cgroups(name: str, timeout: float = 2.0) -> None:

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.vm
 
 RUNTIME = "io.containerd.kata-py.v2"
 SHIM = b"containerd-shim-kata-py-v2"
+GUARDIAN = b"kata-py shim guardian"
 
 
 def _ours(proc: str) -> bool:
@@ -42,7 +43,10 @@ def shim_pids() -> list[int]:
 
 
 def shim_processes() -> list[str]:
-    return described(_shims())
+    """The shims' daemons and their guardians (which end once they have
+    removed what a dead shim left)."""
+    guardians = processes_where(lambda proc, argv: argv[0].startswith(GUARDIAN) and _ours(proc))
+    return described({**_shims(), **guardians})
 
 
 def qemus_of_pods() -> list[int]:
