@@ -59,6 +59,7 @@ LEFTOVER_WAIT = 30.0
 REFUSED = "is carried by another kata-py VM already"
 PSS_KINDS = ("shim", "qemu", "vsock_backend", "monitor", "containers")
 QEMU_PARTS = ("qemu_anon", "qemu_shmem", "qemu_file")
+GUARDIAN_TITLE = b"kata-py shim guardian"
 
 
 # ---------------------------------------------------------------- processes
@@ -82,8 +83,9 @@ def _is_shim(argv: list[bytes], socket: bytes) -> bool:
 
 def _kind(argv: list[bytes]) -> str:
     line = b" ".join(argv)
-    if b"kata_py.shim.main" in argv or b"containerd-shim" in (argv[0] if argv else b""):
-        return "shim"
+    if (b"kata_py.shim.main" in argv or b"containerd-shim" in (argv[0] if argv else b"")
+            or line.startswith(GUARDIAN_TITLE)):
+        return "shim"       # the shim daemon, and its guardian (kata_py/shim/leftovers.py)
     if b"qemu-system" in line:
         return "qemu"
     if b"kata_py.vsock" in line:
