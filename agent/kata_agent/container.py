@@ -58,6 +58,7 @@ class Container:
     def __init__(self, container_id: str, share: str, spec: dict) -> None:
         self.id = container_id
         self.share = share
+        self.spec = spec                       # as created: a pre-forked process rebuilds it from this
         self.rootfs = share + ("/" + spec["rootfs_path"] if spec.get("rootfs_path") else "")
         self.readonly = bool(spec.get("readonly"))
         self.hostname = spec.get("hostname", "")

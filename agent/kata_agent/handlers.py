@@ -33,10 +33,11 @@ def _seccomp_filter(profile: dict | None):
 
 class Handlers:
     def __init__(self, table: ProcessTable, power_off, containers: Containers | None = None,
-                 network: Network | None = None) -> None:
+                 network: Network | None = None, zygote=None) -> None:
         self.table = table
         self.power_off = power_off
         self.containers = containers
+        self.zygote = zygote        # zygote.Zygote: a process forked ahead for a container's first one
         # The NIC drivers load with the container modules: the same event says when.
         self.network = network or Network(containers.modules_ready if containers is not None else None)
 
@@ -211,9 +212,13 @@ class Handlers:
             # their init may have exited since create_container.
             joined = containers.open_joined(container.join, self.table.pidfd)
             setup, cleanup, around_fork = containers.init_setup(container, joined)
+            zygote = self.zygote
+
+            def handover(hold: bool):
+                return zygote.take(container, proc, hold) if zygote is not None else None
             try:
                 pid = launch(process_id, setup=setup, cleanup=cleanup, around_fork=around_fork,
-                             write_id_maps=containers.write_id_maps(container))
+                             write_id_maps=containers.write_id_maps(container), handover=handover)
             finally:
                 cleanup()  # the launch may fail before it closes them itself
             container.init_pid = pid

@@ -14,6 +14,7 @@ from .hostile import Hostile
 from .pid1 import BASE_MOUNTS, Pid1, log
 from .processes import ProcessTable
 from .server import Server
+from .zygote import Zygote
 
 # Loading stops after the last of these to start listening: vsock and the
 # virtio transports its device sits on. The rest (9p, net, blk) load in the
@@ -55,9 +56,14 @@ def main() -> None:
         hostile.at_boot()
     table = ProcessTable()
     modules_ready = threading.Event()
-    server = Server(table, Handlers(table, pid1.power_off, Containers(pid1.sys, modules_ready)), hostile)
+    containers = Containers(pid1.sys, modules_ready)
+    zygote = Zygote(containers)
+    server = Server(table, Handlers(table, pid1.power_off, containers, zygote=zygote), hostile)
     listener = server.listen()
     log("listening on vsock port 1024")
+    # While the host has not asked for anything yet (and all the while a
+    # pooled VM waits): the first container's process, forked ahead.
+    threading.Thread(target=zygote.arm, daemon=True).start()
 
     def late_setup() -> None:
         pid1.load_modules(modules[split:])

@@ -19,7 +19,7 @@ import threading
 
 from .credentials import finalize
 from .pid1 import log
-from .spawn import SpawnError, spawn
+from .spawn import HandoverFailed, SpawnError, spawn
 
 ATTACH_STREAMS = ("stdin", "stdout", "stderr")
 RELAY_CHUNK = 256 * 1024
@@ -193,7 +193,8 @@ class ProcessTable:
             raise ProcessError("state", f"process {process_id!r} already started")
         return proc
 
-    def _launch(self, proc: Process, hold: bool, setup, cleanup, around_fork=None, write_id_maps=None) -> int:
+    def _launch(self, proc: Process, hold: bool, setup, cleanup, around_fork=None, write_id_maps=None,
+                handover=None) -> int:
         """Make the stdio plumbing, fork, and start the relays."""
         child_fds, parent_ends = [], {}
         try:
@@ -215,7 +216,7 @@ class ProcessTable:
                     child_fds.append(theirs)
                     parent_ends[stream] = ours
                 stdio = tuple(child_fds)
-            proc.child = self._fork(proc, stdio, hold, setup, around_fork, write_id_maps)
+            proc.child = self._fork(proc, stdio, hold, setup, around_fork, write_id_maps, handover)
         except Exception:
             for fd in parent_ends.values():
                 os.close(fd)
@@ -246,7 +247,10 @@ class ProcessTable:
                     self._relay(proc, _pump_out_closing, (fd, sock, f"{proc.id} {stream}"), out=True)
         return proc.pid
 
-    def _fork(self, proc: Process, stdio, hold: bool, setup, around_fork=None, write_id_maps=None):
+    def _fork(self, proc: Process, stdio, hold: bool, setup, around_fork=None, write_id_maps=None,
+              handover=None):
+        """`handover(hold)`: a zygote.Handover to run the child instead of a
+        new fork, or None; one that is gone falls back to the fork."""
         def record(pid: int) -> None:
             # Recorded before the child's report is read: the reaper may see the
             # child exit (even a failed exec exits) before spawn() returns.
@@ -256,20 +260,32 @@ class ProcessTable:
                 self.spawned += 1
                 self.children.notify_all()
 
+        via = handover(hold) if handover is not None else None
+        if via is not None:
+            try:
+                return self._spawn(proc, stdio, hold, record, via=via)
+            except HandoverFailed as exc:
+                log(f"{proc.id}: {exc.strerror}; forking instead")
+                with self.lock:
+                    self.by_pid.pop(via.pid, None)
+                    proc.pid = None
         finish = _finalizer(proc)
         undo = around_fork() if around_fork is not None else None
         try:
-            return spawn(proc.argv, _env_dict(proc.env), proc.cwd, stdio, new_session=proc.tty,
-                         controlling_tty=proc.tty, setup=_then(setup, finish), pre_exec=finish.pre_exec, hold=hold,
-                         on_fork=_undo_then(undo, record), write_id_maps=write_id_maps)
-        except SpawnError as exc:
-            _run_undo(undo)
-            with self.lock:
-                self.by_id.pop(proc.id, None)
-            raise ProcessError("failed", f"cannot run {proc.argv[0]!r}: {exc.strerror}") from None
+            return self._spawn(proc, stdio, hold, _undo_then(undo, record), setup=_then(setup, finish),
+                               pre_exec=finish.pre_exec, write_id_maps=write_id_maps)
         except BaseException:
             _run_undo(undo)
             raise
+
+    def _spawn(self, proc: Process, stdio, hold: bool, on_fork, **options):
+        try:
+            return spawn(proc.argv, _env_dict(proc.env), proc.cwd, stdio, new_session=proc.tty,
+                         controlling_tty=proc.tty, hold=hold, on_fork=on_fork, **options)
+        except SpawnError as exc:
+            with self.lock:
+                self.by_id.pop(proc.id, None)
+            raise ProcessError("failed", f"cannot run {proc.argv[0]!r}: {exc.strerror}") from None
 
     def _relay(self, proc: Process, target, args, out: bool) -> None:
         thread = threading.Thread(target=target, args=args, daemon=True)

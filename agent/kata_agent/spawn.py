@@ -25,6 +25,11 @@ class SpawnError(OSError):
     """The child failed before exec: errno and the step that failed."""
 
 
+class HandoverFailed(OSError):
+    """A process forked earlier (spawn's `via`) could not be handed the work:
+    it is gone. Nothing was started."""
+
+
 class StepFailed(Exception):
     def __init__(self, step: str, errno: int = 0) -> None:
         self.step = step
@@ -102,7 +107,7 @@ class Child:
 
 def spawn(argv: list[str], env: dict[str, str], cwd: str, stdio: tuple[int, int, int],
           new_session: bool = False, controlling_tty: bool = False, setup=None,
-          hold: bool = False, on_fork=None, write_id_maps=None, pre_exec=None) -> Child:
+          hold: bool = False, on_fork=None, write_id_maps=None, pre_exec=None, via=None) -> Child:
     """Fork a child that runs `setup()` (in the child), waits at the barrier if
     `hold`, runs `pre_exec()` (in the child), then execs argv. Without hold the
     returned Child is already released. Raises SpawnError for a failure before
@@ -114,23 +119,43 @@ def spawn(argv: list[str], env: dict[str, str], cwd: str, stdio: tuple[int, int,
     `on_fork(pid)` runs in the parent right after fork, so the caller can record
     the pid before anyone could reap the child. `write_id_maps(pid)` answers a
     set-up that entered a new user namespace (see ask_parent_for_id_maps).
+
+    `via`: a process forked earlier (zygote.py's Handover) that runs the
+    child's part instead of a new fork: it knows argv, set-up and pre_exec
+    already and takes only stdio and the child's ends of the pipes here. Its
+    pid is recorded (on_fork) before it is handed anything. If it is gone,
+    spawn raises its HandoverFailed with nothing started.
     """
+    if via is not None and write_id_maps is not None:
+        raise ValueError("a process forked earlier cannot ask for id maps")
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
     barrier_r, barrier_w = os.pipe2(os.O_CLOEXEC) if hold else (None, None)
     sync_r, sync_w = os.pipe2(os.O_CLOEXEC) if write_id_maps else (None, None)
-    pid = os.fork()
-    if pid == 0:  # child: only this function's code runs from here to exec
-        global _child_channel
-        if sync_r is not None:
-            os.close(sync_w)
-            _child_channel = (status_w, sync_r)
-        _child(argv, env, cwd, stdio, new_session, controlling_tty, setup, status_r, status_w,
-               barrier_r, barrier_w, pre_exec)
+    if via is None:
+        pid = os.fork()
+        if pid == 0:  # child: only this function's code runs from here to exec
+            global _child_channel
+            if sync_r is not None:
+                os.close(sync_w)
+                _child_channel = (status_w, sync_r)
+            _child(argv, env, cwd, stdio, new_session, controlling_tty, setup, status_r, status_w,
+                   barrier_r, barrier_w, pre_exec)
+        if on_fork is not None:
+            on_fork(pid)
+    else:
+        pid = via.pid
+        if on_fork is not None:
+            on_fork(pid)
+        try:
+            via.hand(stdio, status_w, barrier_r)
+        except BaseException:
+            for fd in (status_r, status_w, barrier_r, barrier_w):
+                if fd is not None:
+                    os.close(fd)
+            raise
     os.close(status_w)
     if barrier_r is not None:
         os.close(barrier_r)
-    if on_fork is not None:
-        on_fork(pid)
     child = Child(pid, status_r, barrier_w)
 
     def answer() -> None:
@@ -162,7 +187,8 @@ def _child(argv, env, cwd, stdio, new_session, controlling_tty, setup, status_r,
            barrier_r, barrier_w, pre_exec=None) -> None:
     step = "setup"
     try:
-        os.close(status_r)
+        if status_r is not None:    # (a process forked earlier never had the parent's ends)
+            os.close(status_r)
         if barrier_w is not None:
             os.close(barrier_w)
         for signum in _RESET_SIGNALS:
