@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from .common import GENERIC, NOFORK, NOFORK_ENV, Peers, summary
+from .common import GENERIC, NOFORK, NOPREFORK, VARIANT_ENV, Peers, summary
 
 # (phase, from-event, to-event), in order; "spawn" and "exit" are the bench's own clock.
 PHASES = [
@@ -107,7 +107,7 @@ def measure(peers: Peers, image, accel: str, bundle: Path, runs: int, generic_im
         floors["floor-generic"] = generic_image
         names += ["floor-generic", GENERIC]
     if peers.available.get("kata-py") == "":
-        names.append(NOFORK)
+        names += [NOFORK, NOPREFORK]
     wall = {name: [] for name in names}
     cpu = {name: [] for name in names}
     breakdown: list[dict] = []
@@ -128,11 +128,11 @@ def measure(peers: Peers, image, accel: str, bundle: Path, runs: int, generic_im
                                  + (after.children_system - before.children_system))
                 continue
             container_id = f"cold-{name}-{os.getpid()}-{round_no}"
-            runtime = "kata-py" if name == NOFORK else name
+            runtime = "kata-py" if name in VARIANT_ENV else name
             offset = peers.log.stat().st_size if peers.log.exists() else 0
             spawn = time.time()
-            if name == NOFORK:
-                result = peers.run("kata-py", bundle, container_id, env=dict(os.environ, **NOFORK_ENV))
+            if name in VARIANT_ENV:
+                result = peers.run("kata-py", bundle, container_id, env=dict(os.environ, **VARIANT_ENV[name]))
             else:
                 result = peers.run(name, bundle, container_id)
             end = time.time()
@@ -159,6 +159,9 @@ def measure(peers: Peers, image, accel: str, bundle: Path, runs: int, generic_im
                                                 / out["wall_s"]["floor-generic"]["median"], 3)
     if NOFORK in wall:
         out["kata_py_over_nofork"] = round(out["wall_s"]["kata-py"]["median"] / out["wall_s"][NOFORK]["median"], 3)
+    if NOPREFORK in wall:
+        out["kata_py_over_noprefork"] = round(out["wall_s"]["kata-py"]["median"]
+                                              / out["wall_s"][NOPREFORK]["median"], 3)
     if breakdown:
         out["kata_py_phases_s"] = phase_summary(breakdown, PHASES)
     if nofork_breakdown:

@@ -34,6 +34,12 @@ GENERIC_ENV = {"KATA_PY_GUEST_KERNEL": "debian"}
 # Same image, root and log as kata-py, in the same rounds.
 NOFORK = "kata-py-nofork"
 NOFORK_ENV = {"KATA_PY_FORK": "off"}
+# kata-py whose guest agent forks no process ahead for the first container's
+# (KATA_PY_GUEST_PREFORK=off): it forks it at `create`, as before.
+NOPREFORK = "kata-py-noprefork"
+NOPREFORK_ENV = {"KATA_PY_GUEST_PREFORK": "off"}
+# The kata-py variants above, each kata-py itself under an environment of its own.
+VARIANT_ENV = {NOFORK: NOFORK_ENV, NOPREFORK: NOPREFORK_ENV}
 # runsc on this host: ptrace is the platform that works without KVM, and its
 # netstack needs CAP_NET_ADMIN setups we do not want: no network.
 RUNSC_FLAGS = ["--network=none", "--platform=ptrace"]

@@ -139,7 +139,7 @@ def markdown(results: dict) -> str:
         lines += ["## Cold start: `run` of /bin/true", "",
                   f"{cold['runs']} runs each, interleaved (order rotated each round).", "",
                   "| runtime | wall s | CPU s (whole process tree) |", "|---|---|---|"]
-        for name in ["floor", "kata-py", "kata-py-nofork", "floor-generic", "kata-py-generic", "runc", "crun", "runsc"]:
+        for name in ["floor", "kata-py", "kata-py-nofork", "kata-py-noprefork", "floor-generic", "kata-py-generic", "runc", "crun", "runsc"]:
             if name in cold["wall_s"]:
                 lines.append(f"| {name} | {_cell(cold['wall_s'][name])} | {_cell(cold['cpu_s'][name])} |")
             elif peers.get(name):
@@ -156,6 +156,10 @@ def markdown(results: dict) -> str:
             lines += ["", "`kata-py-nofork`: the same with `KATA_PY_FORK=off` (the owner and the jail's launcher "
                           "started as new Python interpreters instead of forked), in the same rounds. kata-py / "
                           f"kata-py-nofork: **{cold['kata_py_over_nofork']}×**."]
+        if "kata_py_over_noprefork" in cold:
+            lines += ["", "`kata-py-noprefork`: the same with `KATA_PY_GUEST_PREFORK=off` (the guest agent forks "
+                          "the first container's process at `create` instead of ahead), in the same rounds. "
+                          f"kata-py / kata-py-noprefork: **{cold['kata_py_over_noprefork']}×**."]
         if "kata_py_phases_s" in cold:
             lines += _phase_table("kata-py `run` by phase (s; guest times placed on the host clock by the agent's "
                                   "uptime in its ping reply):", cold["kata_py_phases_s"],
@@ -218,9 +222,17 @@ def markdown(results: dict) -> str:
             if "pool_over_nofork" in pool:
                 lines += ["", "`KATA_PY_FORK=off`: the owner started as a new Python interpreter instead of forked "
                               f"from the CLI, in the same rounds; forked / not: **{pool['pool_over_nofork']}×**."]
+            if "pool_over_noprefork" in pool:
+                lines += ["", "`KATA_PY_GUEST_PREFORK=off`: a second pool beside the first, whose VMs' agents fork "
+                              "the first container's process at `create` instead of while they wait, in the same "
+                              f"rounds; pre-forked / not: **{pool['pool_over_noprefork']}×**."]
             if "kata_py_phases_s" in pool:
                 lines += _phase_table("kata-py `run` from the pool by phase (s):", pool["kata_py_phases_s"],
                                       pool.get("nofork_phases_s"), "`KATA_PY_FORK=off`")
+                if pool.get("noprefork_phases_s"):
+                    lines += _phase_table("The same beside the pool without the pre-forked process (s):",
+                                          pool["kata_py_phases_s"], pool["noprefork_phases_s"],
+                                          "`KATA_PY_GUEST_PREFORK=off`")
             lines.append("")
     if results.get("pods"):
         lines += _pods(results["pods"])

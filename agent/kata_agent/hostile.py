@@ -42,7 +42,7 @@ import time
 
 from kata_py.protocol.framing import encode_frame
 
-from .pid1 import log
+from .pid1 import kernel_param, log
 
 PARAM = "kata_agent.hostile"
 TRIGGER = "kata-agent-hostile"
@@ -53,15 +53,7 @@ CONNECT_BATCH = 256
 
 
 def mode_from_cmdline(path: str = "/proc/cmdline") -> str | None:
-    try:
-        with open(path) as f:
-            words = f.read().split()
-    except OSError:
-        return None
-    for word in words:
-        if word.startswith(PARAM + "="):
-            return word.split("=", 1)[1]
-    return None
+    return kernel_param(PARAM, path)
 
 
 def panic() -> None:

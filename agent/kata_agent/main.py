@@ -7,11 +7,13 @@ import signal
 import sys
 import threading
 
+from kata_py.protocol.messages import PREFORK_PARAM
+
 from .cgroups import enable_controllers
 from .container import Containers
 from .handlers import Handlers
 from .hostile import Hostile
-from .pid1 import BASE_MOUNTS, Pid1, log
+from .pid1 import BASE_MOUNTS, Pid1, kernel_param, log
 from .processes import ProcessTable
 from .server import Server
 from .zygote import Zygote
@@ -63,7 +65,8 @@ def main() -> None:
     log("listening on vsock port 1024")
     # While the host has not asked for anything yet (and all the while a
     # pooled VM waits): the first container's process, forked ahead.
-    threading.Thread(target=zygote.arm, daemon=True).start()
+    if kernel_param(PREFORK_PARAM) != "off":
+        threading.Thread(target=zygote.arm, daemon=True).start()
 
     def late_setup() -> None:
         pid1.load_modules(modules[split:])

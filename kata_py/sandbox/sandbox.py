@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 from .. import config as kata_config
 from .. import paths
 from ..errors import AgentError, KataError, VMLaunchError, VsockError
+from ..protocol.messages import PREFORK_PARAM
 from ..vmm import jail
 from ..vmm.cmdline import VMConfig
 from ..vmm.host_cgroup import HostLimits
@@ -89,6 +91,8 @@ class Sandbox:
         self.shares = list(shares)
         self.nics = list(nics)      # kata_py.network.GuestNic: a tap fd each, which QEMU inherits
         self.kernel_args = list(kernel_args)    # appended to the guest kernel's command line
+        if os.environ.get("KATA_PY_GUEST_PREFORK", "on") == "off":
+            self.kernel_args.append(f"{PREFORK_PARAM}=off")
         if any(not arg or any(c.isspace() for c in arg) for arg in self.kernel_args):
             raise ValueError(f"kernel arguments must be single words: {self.kernel_args!r}")
         self.qmp_socket = qmp_socket

@@ -58,3 +58,20 @@ def test_the_first_containers_process_is_the_pre_forked_one(vm, loop_thread):
         p.request("signal_process", {"process_id": f"{name}-init", "signal": 9})
         p.request("wait_process", {"process_id": f"{name}-init"}, timeout=60)
         p.request("delete_container", {"container_id": name})
+
+
+def test_with_prefork_off_the_agent_forks_at_create(module_vms, tmp_path, loop_thread):
+    """`kata_agent.prefork=off` (what KATA_PY_GUEST_PREFORK=off puts on the
+    kernel's command line): nothing forked ahead, and the container runs."""
+    from kata_py.protocol.messages import PREFORK_PARAM
+
+    make_rootfs(tmp_path / "a-rootfs")
+    sandbox = module_vms.start(memory_mib=256, shares=[Share(TAG, tmp_path)], kernel_args=[f"{PREFORK_PARAM}=off"])
+    p = Pod(sandbox, loop_thread)
+    p.create("a", "noprefork", OWN)
+    p.request("create_process", {"process_id": "a-init", "argv": ["sleep", "1001"], "env": ["PATH=/bin"],
+                                 "container_id": "a", "init": True})
+    p.request("start_process", {"process_id": "a-init"})
+    assert p.sh("a", "cat /proc/1/cmdline | tr '\\0' ' '") == "sleep 1001"
+    console = sandbox.console_log.read_text(errors="replace")
+    assert "listening on vsock port" in console and "pre-forked" not in console, console

@@ -137,3 +137,13 @@ def test_a_pre_forked_process_that_is_gone_falls_back_to_fork(agent, tmp_path, m
     assert forks == [False, True]       # handed over first, then forked
     assert pid != forked and output == b"forked\n" and status == 0
     assert forked not in table.by_pid
+
+
+def test_kata_py_guest_prefork_off_reaches_the_guest_kernels_command_line(monkeypatch):
+    from kata_py.protocol.messages import PREFORK_PARAM
+    from kata_py.sandbox.sandbox import Sandbox
+
+    monkeypatch.setenv("KATA_PY_GUEST_PREFORK", "off")
+    assert Sandbox(None, kernel_args=["x=1"]).kernel_args == ["x=1", f"{PREFORK_PARAM}=off"]
+    monkeypatch.delenv("KATA_PY_GUEST_PREFORK")
+    assert Sandbox(None, kernel_args=["x=1"]).kernel_args == ["x=1"]
