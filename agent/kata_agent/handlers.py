@@ -94,6 +94,8 @@ class Handlers:
 
     def rpc_delete_container(self, args: dict) -> dict:
         self._containers().delete(args["container_id"])
+        if self.zygote is not None:
+            self.zygote.rearm_when_idle()
         return {}
 
     def rpc_configure_network(self, args: dict) -> dict:

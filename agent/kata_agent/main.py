@@ -59,14 +59,13 @@ def main() -> None:
     table = ProcessTable()
     modules_ready = threading.Event()
     containers = Containers(pid1.sys, modules_ready)
-    zygote = Zygote(containers)
+    zygote = Zygote(containers, enabled=kernel_param(PREFORK_PARAM) != "off")
     server = Server(table, Handlers(table, pid1.power_off, containers, zygote=zygote), hostile)
     listener = server.listen()
     log("listening on vsock port 1024")
     # While the host has not asked for anything yet (and all the while a
     # pooled VM waits): the first container's process, forked ahead.
-    if kernel_param(PREFORK_PARAM) != "off":
-        threading.Thread(target=zygote.arm, daemon=True).start()
+    zygote.arm_in_background()
 
     def late_setup() -> None:
         pid1.load_modules(modules[split:])

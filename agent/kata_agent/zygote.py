@@ -16,8 +16,9 @@ arguments, as JSON, with stdio and the child's ends of spawn's pipes as
 SCM_RIGHTS. The pre-forked process rebuilds the container and process
 from them with the agent's own code and goes on exactly as a freshly forked
 child would (spawn._child): set-up, barrier, exec. Anything else (or a
-pre-forked process that is gone) forks as before. One per VM: it is not
-made again once used.
+pre-forked process that is gone) forks as before. One at a time: it is
+forked again once no container is left (a pooled VM's warm-up container is
+deleted before the VM is offered).
 """
 
 from __future__ import annotations
@@ -42,15 +43,40 @@ MAX_FDS = 5                         # stdin, stdout, stderr, status, barrier
 class Zygote:
     """The agent's side: arm() in a thread of its own, then take() once."""
 
-    def __init__(self, containers) -> None:
+    def __init__(self, containers, enabled: bool = True) -> None:
         self.containers = containers
+        self.enabled = enabled
         self.lock = threading.Lock()
         self.pid: int | None = None
         self.sock: socket.socket | None = None
+        self._arming = False
+
+    def arm_in_background(self) -> None:
+        """Arm in a thread of its own, unless armed (or arming) already."""
+        with self.lock:
+            if not self.enabled or self.pid is not None or self._arming:
+                return
+            self._arming = True
+        threading.Thread(target=self.arm, daemon=True).start()
+
+    def rearm_when_idle(self) -> None:
+        """After a container is deleted: when none is left (a pooled VM after
+        its warm-up container, or a sandbox between containers), arm again."""
+        with self.containers.lock:
+            idle = not self.containers.by_id
+        if idle:
+            self.arm_in_background()
 
     def arm(self) -> None:
         """Fork the process (in the calling thread, which must be one of its
         own: its children stay in the new pid namespace afterwards)."""
+        try:
+            self._fork()
+        finally:
+            with self.lock:
+                self._arming = False
+
+    def _fork(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.containers.sys.unshare(CLONE_NEWPID)

@@ -26,11 +26,11 @@ def vm(module_vms, tmp_path_factory):
     return module_vms.start(memory_mib=256, shares=[Share(TAG, export)])
 
 
-def _console_pids(sandbox, pattern: str) -> list[int]:
+def _console_pids(sandbox, pattern: str, at_least: int = 1) -> list[int]:
     deadline = time.monotonic() + 30
     while True:
         found = [int(pid) for pid in re.findall(pattern, sandbox.console_log.read_text(errors="replace"))]
-        if found or time.monotonic() > deadline:
+        if len(found) >= at_least or time.monotonic() > deadline:
             return found
         time.sleep(0.2)
 
@@ -58,6 +58,15 @@ def test_the_first_containers_process_is_the_pre_forked_one(vm, loop_thread):
         p.request("signal_process", {"process_id": f"{name}-init", "signal": 9})
         p.request("wait_process", {"process_id": f"{name}-init"}, timeout=60)
         p.request("delete_container", {"container_id": name})
+    # No container left (as a pooled VM after its warm-up container): forked
+    # again, for the next container.
+    again = _console_pids(vm, r"pre-forked pid (\d+) for a container's first process", at_least=2)[1:]
+    assert len(again) == 1 and again[0] != forked, again
+    p.create("a", "zygote-a2", OWN)
+    p.request("create_process", {"process_id": "a2-init", "argv": ["sleep", "1003"], "env": ["PATH=/bin"],
+                                 "container_id": "a", "init": True})
+    assert p.request("start_process", {"process_id": "a2-init"})["pid"] == again[0]
+    assert p.sh("a", "cat /proc/1/cmdline | tr '\\0' ' '") == "sleep 1003"
 
 
 def test_with_prefork_off_the_agent_forks_at_create(module_vms, tmp_path, loop_thread):

@@ -147,3 +147,35 @@ def test_kata_py_guest_prefork_off_reaches_the_guest_kernels_command_line(monkey
     assert Sandbox(None, kernel_args=["x=1"]).kernel_args == ["x=1", f"{PREFORK_PARAM}=off"]
     monkeypatch.delenv("KATA_PY_GUEST_PREFORK")
     assert Sandbox(None, kernel_args=["x=1"]).kernel_args == ["x=1"]
+
+
+def _wait_armed(zygote, timeout=10.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while zygote.pid is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return zygote.pid
+
+
+def test_it_is_forked_again_once_no_container_is_left(agent, tmp_path):
+    """A pooled VM's warm-up container uses the first one; the container the
+    VM is claimed for gets the next."""
+    containers, table, zygote = agent
+    first = zygote.pid
+    container = make_container(tmp_path)
+    launch(table, zygote, container, ["true"])
+    containers.by_id["c1"] = container
+    zygote.rearm_when_idle()
+    assert zygote.pid is None and not zygote._arming       # a container is left
+    del containers.by_id["c1"]
+    zygote.rearm_when_idle()
+    second = _wait_armed(zygote)
+    assert second not in (None, first)
+
+
+def test_disabled_it_is_never_forked(tmp_path):
+    zygote = Zygote(container_mod.Containers(_Sys()), enabled=False)
+    zygote.arm_in_background()
+    zygote.rearm_when_idle()
+    assert zygote.pid is None and not zygote._arming
