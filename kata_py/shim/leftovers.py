@@ -2,17 +2,18 @@
 directories, network, export and host cgroups), and who removes it: the
 shim itself as it ends, containerd's `shim delete`, and the shim's guardian.
 
-The guardian is a small process, forked from the shim daemon before it
-does anything else, that cleans up after the daemon once it is gone.
+The guardian is a small process, started by the shim daemon before it does
+anything else, that cleans up after the daemon once it is gone.
 
 containerd's own cleanup of a dead shim (`shim delete`) is run with the
 bundle as its working directory; when the CRI removes the pod's containers
 first (kubelet does, and so does a quick `crictl rmp`), those bundles are
 gone, the `delete` never starts, and the pod's VM run directory, host
-cgroups, network and export would stay. The guardian holds the read end of a
-pipe whose write end only the daemon holds: end of file means the daemon has
-exited, however it ended (SIGKILL included), and then what its pod left is
-removed here, unless a new shim for the pod already serves.
+cgroups, network and export would stay. The guardian reads a pipe whose
+write end only the daemon holds: end of file means the daemon has exited,
+however it ended (SIGKILL included), and then what its pod left is removed
+here (`python -m kata_py.shim.leftovers KEY`), unless a new shim for the pod
+already serves.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -101,33 +103,38 @@ def _remove_pod_leftovers(key: str, qemu_exit_wait: float) -> None:
         pass
 
 
-def start_guardian(key: str) -> int:
-    """Fork the guardian of the pod `key`; returns the write end of its pipe,
-    which this process keeps open (and no child of it inherits) until it exits."""
-    from .. import hostsys
+# The guardian waits as a shell (about 1 MiB, where a forked Python kept
+# ~9 MiB of the shim's pages as the shim wrote its own) and becomes Python
+# only to clean up: `read` returns false at end of file, when the shim is gone.
+_GUARDIAN_SCRIPT = 'trap "" HUP INT TERM; while read -r _; do :; done; exec "$0" -m kata_py.shim.leftovers "$1"'
 
+
+def start_guardian(key: str) -> int:
+    """Start the guardian of the pod `key` (its stdin the read end of a
+    pipe); returns the write end, which this process keeps open (and no child
+    of it inherits) until it exits."""
     read_end, write_end = os.pipe()     # not inheritable: no exec'd child holds it
-    if hostsys.fork_helper() == 0:
-        try:
-            os.close(write_end)
-            hostsys.settle_forked_child(keep={read_end}, stderr=2)
-            _guard(key, read_end)
-        finally:
-            os._exit(0)
-    os.close(read_end)
+    try:
+        subprocess.Popen([TITLE, "-c", _GUARDIAN_SCRIPT, sys.executable, key], executable="/bin/sh",
+                         stdin=read_end, stdout=subprocess.DEVNULL, cwd="/", close_fds=True)
+    finally:
+        os.close(read_end)
     return write_end
 
 
-def _guard(key: str, read_end: int) -> None:
+def guard(key: str) -> None:
+    """The guardian's last part: the shim is gone; remove what its pod left
+    unless a new shim for the pod serves already."""
     from setproctitle import setproctitle
 
     setproctitle(f"{TITLE} {key}")
-    os.chdir("/")
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_IGN)   # it ends by itself once its shim has
-    while os.read(read_end, 1):
-        pass
+        signal.signal(signum, signal.SIG_IGN)
     left = (pod_dir(key), socket_path(key), shim_dir() / f"{key}.log")
     if any(path.exists() for path in left) and not serving(socket_path(key)):
         print(f"{TITLE}: the shim of pod {key} is gone; removing what it left", file=sys.stderr, flush=True)
         clean_up_pod(key, qemu_exit_wait=QEMU_EXIT_WAIT)
+
+
+if __name__ == "__main__":
+    guard(sys.argv[1])

@@ -45,7 +45,8 @@ def shim_pids() -> list[int]:
 def shim_processes() -> list[str]:
     """The shims' daemons and their guardians (which end once they have
     removed what a dead shim left)."""
-    guardians = processes_where(lambda proc, argv: argv[0].startswith(GUARDIAN) and _ours(proc))
+    guardians = processes_where(lambda proc, argv: (argv[0].startswith(GUARDIAN) or b"kata_py.shim.leftovers" in argv)
+                                and _ours(proc))
     return described({**_shims(), **guardians})
 
 

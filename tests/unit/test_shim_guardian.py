@@ -25,15 +25,17 @@ def wait_for(predicate, timeout=30.0):
     raise AssertionError(f"timed out waiting for {predicate.__doc__ or predicate}")
 
 
-def processes(needle: bytes) -> list[int]:
+def processes(needle: bytes, first: bytes = b"") -> list[int]:
+    """Pids whose command line holds `needle` (and whose argv[0] starts with `first`)."""
     found = []
     for proc in os.listdir("/proc"):
         if proc.isdigit():
             try:
-                if needle in open(f"/proc/{proc}/cmdline", "rb").read():
-                    found.append(int(proc))
+                cmdline = open(f"/proc/{proc}/cmdline", "rb").read()
             except OSError:
-                pass
+                continue
+            if needle in cmdline and cmdline.startswith(first):
+                found.append(int(proc))
     return found
 
 
@@ -52,7 +54,7 @@ def daemon(tmp_path):
     assert started.returncode == 0, started.stderr
     assert started.stdout.decode() == f"unix://{leftovers.socket_path(key)}"
     [pid] = wait_for(lambda: processes(f"-id\0{key}\0".encode()))
-    [guardian] = wait_for(lambda: processes(f"{leftovers.TITLE} {key}".encode()))
+    [guardian] = wait_for(lambda: processes(f"\0{key}\0".encode(), first=leftovers.TITLE.encode()))
     wait_for(lambda: leftovers.pod_dir(key).is_dir() and leftovers.serving(leftovers.socket_path(key)))
     try:
         yield pid, key, guardian
@@ -92,6 +94,14 @@ def test_nothing_of_the_pod_is_left_however_the_shim_ends(daemon, signum):
     os.kill(pid, signum)
     wait_for(lambda: gone(pid) and gone(guardian))
     assert left_of(key) == []
+
+
+def test_the_guardian_waits_as_a_shell(daemon):
+    """Python only once the daemon is gone: ~1 MiB while it waits."""
+    _, _, guardian = daemon
+    assert os.path.basename(os.readlink(f"/proc/{guardian}/exe")) in ("dash", "bash", "sh", "busybox")
+    rss_kib = int(next(line for line in open(f"/proc/{guardian}/status") if line.startswith("VmRSS:")).split()[1])
+    assert rss_kib < 4096, rss_kib
 
 
 def test_the_guardian_holds_nothing_of_the_daemon(daemon):
