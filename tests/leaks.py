@@ -40,10 +40,14 @@ TEMP_PREFIXES = ("kata", ".kata", "vm-", "share-", "exec-")
 
 @dataclass(frozen=True, order=True)
 class Proc:
+    """One process, told apart by pid and start time, and by being a zombie
+    or not: a process that was running before and sleeps now (or the other
+    way round) is the same process, not a leak."""
     pid: int
     start: int              # /proc/PID/stat field 22: tells a reused pid apart
-    state: str
-    what: str               # the command line, shortened
+    zombie: bool
+    state: str = field(compare=False)
+    what: str = field(compare=False)    # the command line, shortened
 
     def __str__(self) -> str:
         return f"{self.pid} [{self.state}] {self.what}"
@@ -139,11 +143,11 @@ class LeakChecker:
             mine, cmdline = self._is_ours(pid)
             if mine:
                 what = b" ".join(cmdline.split(b"\0")).decode(errors="replace").strip()
-                ours[pid] = Proc(pid, start, state, what[:160])
+                ours[pid] = Proc(pid, start, False, state, what[:160])
         # A zombie counts when a process of ours fails to reap it.
         for pid, ppid, start in zombies:
             if ppid in ours:
-                ours[pid] = Proc(pid, start, "Z", f"<zombie child of {ppid}>")
+                ours[pid] = Proc(pid, start, True, "Z", f"<zombie child of {ppid}>")
         return set(ours.values())
 
     def mounts(self) -> set[str]:

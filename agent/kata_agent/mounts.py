@@ -64,7 +64,22 @@ def mount_share(sys_, tag: str, target: str) -> str:
         sys_.mount(tag, target, "9p", 0, NINEP_OPTIONS)
         return "9p"
     sys_.mount(tag, target, "virtiofs", 0, "")
+    _no_readahead(target)
     return "virtiofs"
+
+
+def _no_readahead(target: str) -> None:
+    """No readahead on a virtio-fs mount: every read is one the reader waits
+    for. Under 6.1, a readahead request that completes after its inode is
+    gone (a container whose process exits at once, its share unmounted)
+    makes the completion work touch freed memory (a general protection
+    fault in fuse_readpages_end -> fuse_invalidate_atime, seen in the guest)."""
+    st = os.stat(target)
+    try:
+        with open(f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb", "w") as f:
+            f.write("0")
+    except OSError:
+        pass    # no sysfs entry: the kernel's default stays
 
 
 class MountError(OSError):

@@ -128,3 +128,17 @@ def test_virtiofsd_lives_in_the_sandbox_cgroup_and_goes_with_it(tmp_path):
                     path.rmdir()
                 except (FileNotFoundError, NotADirectoryError):
                     pass
+
+
+def test_the_share_reads_without_readahead(tmp_path):
+    """The agent turns readahead off on its virtio-fs mount (agent/kata_agent/
+    mounts.py: a readahead completing after its inode is gone crashed the
+    guest kernel); the container's root is that mount."""
+    # The guest's only anonymous-device backing device is the virtio-fs
+    # mount's (its submounts, one per host filesystem, share it); vda is 254:0.
+    script = "cat /sys/class/bdi/0:*/read_ahead_kb"
+    bundle = make_bundle(tmp_path / "bundle", ["sh", "-c", script])
+    root = tmp_path / "root"
+    result = cli(root, "run", "--bundle", bundle, "ra")
+    assert (result.returncode, result.stdout) == (0, b"0\n"), result.stderr
+    assert_nothing_left(root)

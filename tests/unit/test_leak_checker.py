@@ -93,3 +93,24 @@ def test_mounts_and_cgroups(scope, tmp_path):
             os.rmdir(cgroup)
     target.rmdir()
     assert checker.leaks(before) == {}
+
+
+def test_a_process_of_before_that_changed_state_is_no_leak(scope):
+    """Running when the snapshot was taken, sleeping now: the same process."""
+    run_dir, _, _, checker = scope
+    busy = subprocess.Popen(["sh", "-c", "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done; exec sleep 60"],
+                            env=dict(os.environ, KATA_PY_RUN_DIR=str(run_dir)))
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            before = checker.snapshot()
+            [proc] = [p for p in before.processes if p.pid == busy.pid]
+            if proc.state == "R" or time.monotonic() > deadline:
+                break
+        assert proc.state == "R"
+        while open(f"/proc/{busy.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "S":
+            time.sleep(0.05)
+        assert checker.leaks(before) == {}
+    finally:
+        busy.kill()
+        busy.wait()
