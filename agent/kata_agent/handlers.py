@@ -216,8 +216,8 @@ class Handlers:
             setup, cleanup, around_fork = containers.init_setup(container, joined)
             zygote = self.zygote
 
-            def handover(hold: bool):
-                return zygote.take(container, proc, hold) if zygote is not None else None
+            def handover():
+                return zygote.take(container, proc) if zygote is not None else None
             try:
                 pid = launch(process_id, setup=setup, cleanup=cleanup, around_fork=around_fork,
                              write_id_maps=containers.write_id_maps(container), handover=handover)

@@ -37,7 +37,6 @@ BASE_MOUNTS = [
 ]
 
 
-
 def kernel_param(name: str, path: str = "/proc/cmdline") -> str | None:
     """The value of `name=value` on the guest kernel's command line, if given."""
     try:
@@ -49,6 +48,7 @@ def kernel_param(name: str, path: str = "/proc/cmdline") -> str | None:
         if word.startswith(name + "="):
             return word.split("=", 1)[1]
     return None
+
 
 def log(message: str) -> None:
     """Agent messages go to the console (the host keeps it as the VM's console log)."""

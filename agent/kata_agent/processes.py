@@ -249,8 +249,8 @@ class ProcessTable:
 
     def _fork(self, proc: Process, stdio, hold: bool, setup, around_fork=None, write_id_maps=None,
               handover=None):
-        """`handover(hold)`: a zygote.Handover to run the child instead of a
-        new fork, or None; one that is gone falls back to the fork."""
+        """`handover()`: a zygote.Handover to run the child instead of a new
+        fork, or None; one that is gone falls back to the fork."""
         def record(pid: int) -> None:
             # Recorded before the child's report is read: the reaper may see the
             # child exit (even a failed exec exits) before spawn() returns.
@@ -260,7 +260,7 @@ class ProcessTable:
                 self.spawned += 1
                 self.children.notify_all()
 
-        via = handover(hold) if handover is not None else None
+        via = handover() if handover is not None else None
         if via is not None:
             try:
                 return self._spawn(proc, stdio, hold, record, via=via)

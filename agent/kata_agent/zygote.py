@@ -93,7 +93,7 @@ class Zygote:
             self.pid, self.sock = pid, ours
         log(f"pre-forked pid {pid} for a container's first process")
 
-    def take(self, container, proc, hold: bool) -> "Handover | None":
+    def take(self, container, proc) -> "Handover | None":
         """The pre-forked process for this container's first process, if it
         fits; None otherwise (fork as usual)."""
         if container.join or container.user_namespace or "pid" not in container.namespaces:
@@ -103,7 +103,7 @@ class Zygote:
                 return None
             pid, sock, self.pid, self.sock = self.pid, self.sock, None, None
         log(f"container {container.id}: its first process is the pre-forked pid {pid}")
-        return Handover(pid, sock, _recipe(container, proc, hold))
+        return Handover(pid, sock, _recipe(container, proc))
 
     def close(self) -> None:
         with self.lock:
@@ -132,7 +132,7 @@ class Handover:
             self._sock.close()
 
 
-def _recipe(container, proc, hold: bool) -> bytes:
+def _recipe(container, proc) -> bytes:
     seccomp = container.seccomp
     return json.dumps({
         "container": {"id": container.id, "share": container.share, "mount_tag": container.mount_tag,
@@ -140,7 +140,6 @@ def _recipe(container, proc, hold: bool) -> bytes:
         "seccomp": None if seccomp is None else {"program": seccomp.program.hex(), "flags": seccomp.flags},
         "process": {"id": proc.id, "argv": proc.argv, "env": proc.env, "cwd": proc.cwd, "tty": proc.tty,
                     "user": proc.user, "security": proc.security},
-        "hold": hold,
     }).encode()
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -45,6 +44,10 @@ def socket_path(key: str) -> Path:
 
 def pod_dir(key: str) -> Path:
     return shim_dir() / f"pod-{key}"
+
+
+def log_path(key: str) -> Path:
+    return shim_dir() / f"{key}.log"
 
 
 def serving(path: Path) -> bool:
@@ -91,7 +94,7 @@ def _remove_pod_leftovers(key: str, qemu_exit_wait: float) -> None:
         detach_container_recorded(directory)        # reads <dir>/network.json
     remove_vm_run_dir(vm_dir(directory, key), qemu_exit_wait)
     remove_share_dir(directory / "share")
-    for leftover in (socket_path(key), shim_dir() / f"{key}.log"):
+    for leftover in (socket_path(key), log_path(key)):
         try:
             leftover.unlink()
         except FileNotFoundError:
@@ -127,10 +130,8 @@ def guard(key: str) -> None:
     unless a new shim for the pod serves already."""
     from setproctitle import setproctitle
 
-    setproctitle(f"{TITLE} {key}")
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_IGN)
-    left = (pod_dir(key), socket_path(key), shim_dir() / f"{key}.log")
+    setproctitle(f"{TITLE} {key}")     # HUP, INT and TERM stay ignored: the shell's trap carries over exec
+    left = (pod_dir(key), socket_path(key), log_path(key))
     if any(path.exists() for path in left) and not serving(socket_path(key)):
         print(f"{TITLE}: the shim of pod {key} is gone; removing what it left", file=sys.stderr, flush=True)
         clean_up_pod(key, qemu_exit_wait=QEMU_EXIT_WAIT)

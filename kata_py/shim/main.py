@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 from .. import paths
-from .leftovers import clean_up_pod, pod_dir, serving, shim_dir, socket_path, start_guardian
+from .leftovers import clean_up_pod, log_path, pod_dir, serving, shim_dir, socket_path, start_guardian
 
 log = logging.getLogger("kata_py.shim")
 
@@ -142,8 +142,7 @@ def _start_daemon(args: Args, key: str, path: Path) -> None:
         os.dup2(fd, SOCKET_FD)
         os.set_inheritable(SOCKET_FD, True)
 
-    log_path = shim_dir() / f"{key}.log"
-    with open(os.devnull, "rb") as null, open(log_path, "ab") as log_file:
+    with open(os.devnull, "rb") as null, open(log_path(key), "ab") as log_file:
         subprocess.Popen(argv, stdin=null, stdout=null, stderr=log_file, start_new_session=True,
                          cwd=str(shim_dir()), preexec_fn=place_socket, close_fds=True, pass_fds=(fd,))
     listener.close()

@@ -59,7 +59,7 @@ def launch(table, zygote, container, argv, hold=False):
     ours, theirs = socket.socketpair()
     table.attach("init", "stdout", theirs)
     table._relay = lambda proc, target, args, out: threading.Thread(target=target, args=args, daemon=True).start()
-    handover = lambda hold: zygote.take(container, proc, hold)    # noqa: E731
+    handover = lambda: zygote.take(container, proc)    # noqa: E731
     if hold:
         pid = table.prepare("init", handover=handover)
         table.start("init")
@@ -87,7 +87,7 @@ def test_it_becomes_the_containers_first_process_once(agent, tmp_path, hold):
     assert pid == forked
     assert output == f"ran as {forked}\n".encode()
     assert os.WEXITSTATUS(status) == 3
-    assert zygote.pid is None and zygote.take(container, table.get("init"), False) is None   # used once
+    assert zygote.pid is None and zygote.take(container, table.get("init")) is None   # used once
 
 
 def test_the_program_it_execs_holds_only_its_stdio(agent, tmp_path):
@@ -117,7 +117,7 @@ def test_its_recipe_carries_the_seccomp_filter(agent, tmp_path):
 def test_what_does_not_fit_is_forked_and_the_zygote_kept(agent, tmp_path, spec):
     _, table, zygote = agent
     forked = zygote.pid
-    assert zygote.take(make_container(tmp_path, **spec), None, False) is None
+    assert zygote.take(make_container(tmp_path, **spec), None) is None
     assert zygote.pid == forked
 
 
